@@ -1,0 +1,180 @@
+"""The `pi-lora` command: parse, call one function, map known errors to exit codes."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import recipe as recipes_mod
+from .errors import PiLoraError
+
+app = typer.Typer(
+    help="Extend a RoPE model's context window by Position Interpolation, training LoRA on a 4-bit base.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipes_app = typer.Typer(help="List, show and validate recipes.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+console = Console()
+err_console = Console(stderr=True)
+
+# First-class flags and the recipe key each one sets (the flag is the key's leaf name).
+FLAG_KEYS = {
+    "base": "model.base",
+    "target_len": "rope.target_len",
+    "data": "data.source",
+    "output": "output",
+    "steps": "train.steps",
+    "lr": "train.lr",
+    "rank": "lora.rank",
+    "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum",
+    "seed": "train.seed",
+    "trust_remote_code": "model.trust_remote_code",
+}
+
+
+def handled(command):
+    """Known errors become a message and their exit code; nothing else is swallowed."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PiLoraError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def print_overrides(overrides: dict) -> None:
+    table = Table(title="settings that differ from the defaults", title_justify="left")
+    for column in ("key", "value", "from"):
+        table.add_column(column)
+    for key, (value, origin) in overrides.items():
+        table.add_row(key, repr(value), origin)
+    console.print(table)
+
+
+@app.command()
+@handled
+def train(
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name."),
+    base: Optional[str] = typer.Option(None, help="Base model: alias (see `pi-lora models`), hub id or folder. [model.base]"),
+    target_len: Optional[int] = typer.Option(None, help="New context length L'; PI factor is L'/L. [rope.target_len]"),
+    data: Optional[str] = typer.Option(None, help="Hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder. [data.source]"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder. [output]"),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps. [train.steps]"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate. [train.lr]"),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank. [lora.rank]"),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. [train.batch_size]"),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step. [train.grad_accum]"),
+    seed: Optional[int] = typer.Option(None, help="Random seed. [train.seed]"),
+    trust_remote_code: Optional[bool] = typer.Option(
+        None, "--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub. [model.trust_remote_code]"
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+):
+    """Extend a base model by Position Interpolation and train a LoRA adapter at the new length."""
+    from . import run
+    from . import train as train_mod
+
+    given = locals()
+    flags = {key: given[name] for name, key in FLAG_KEYS.items()}
+    tree, source = ({}, "flags")
+    if recipe is not None:
+        path = recipes_mod.find(recipe)
+        tree, source = recipes_mod.read(path), str(path)
+    if resume:
+        folder = output or tree.get("output")
+        if folder is None:
+            raise PiLoraError("--resume needs the run folder: give --output.")
+        run.claim(Path(folder), resume, overwrite)
+        tree, source = recipes_mod.read(Path(folder) / run.RECIPE), str(Path(folder) / run.RECIPE)
+    resolved, overrides = recipes_mod.resolve(tree, set_, flags, source=source)
+    run.claim(Path(resolved.output), resume, overwrite)
+    print_overrides(overrides)
+    with train_mod.progress_bar(console) as bar:
+        plan = train_mod.plan(resolved, bar)
+    train_mod.describe(plan, console)
+    if overwrite and Path(resolved.output).exists():
+        import shutil
+
+        shutil.rmtree(resolved.output)
+    train_mod.fit(plan, console, resume)
+
+
+@app.command()
+def models():
+    """List the base-model aliases and the hub ids they stand for."""
+    from .model import ALIASES, DEMO
+
+    table = Table("alias", "model")
+    for alias, hub_id in ALIASES.items():
+        table.add_row(alias, hub_id)
+    table.add_row(DEMO, "tiny LLaMA built on this machine (CPU demo, tests)")
+    console.print(table)
+
+
+@recipes_app.callback()
+def recipes(ctx: typer.Context):
+    """List the shipped recipes (with no subcommand)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    table = Table("name", "base", "target_len", "about")
+    for name, path in recipes_mod.shipped().items():
+        tree = recipes_mod.read(path)
+        first = path.read_text().splitlines()[0].lstrip("# ") if path.read_text().startswith("#") else ""
+        table.add_row(name, str(tree.get("model", {}).get("base")), str(tree.get("rope", {}).get("target_len")), first)
+    console.print(table)
+
+
+@recipes_app.command("show")
+@handled
+def recipes_show(name: str = typer.Argument(..., help="Shipped recipe name or file.")):
+    """Print a recipe."""
+    print(recipes_mod.find(name).read_text(), end="")
+
+
+@recipes_app.command("validate")
+@handled
+def recipes_validate(files: list[str] = typer.Argument(..., help="Recipe files or shipped names.")):
+    """Check recipes against the schema; every problem is listed with its key path."""
+    failed = []
+    for name in files:
+        path = recipes_mod.find(name)
+        try:
+            recipes_mod.validate(recipes_mod.read(path), source=str(path), require=False)
+            console.print(f"[green]ok[/] {path}")
+        except PiLoraError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            failed.append(path)
+    if failed:
+        raise typer.Exit(2)
+
+
+def quiet() -> None:
+    """Our own progress and messages only: library chatter is noise in a training log."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels" package hint on every start
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main():
+    quiet()
+    app()

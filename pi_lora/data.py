@@ -1,0 +1,239 @@
+"""Documents in, fixed-length token sequences out.
+
+Each document is tokenized as BOS + text + EOS and the documents are packed end to end into
+sequences of exactly `length` tokens with positions 0..length-1: continued-pretraining packing,
+as the PI paper trains. Local files are tokenized once into a cached token stream (keyed on the
+tokenizer and the files, not the length, so one cache serves every target length); hub datasets
+are streamed and packed on the fly, so PG-19 or RedPajama is never tokenized up front.
+
+A run's position in the data is one number, the index of the next sequence, so resuming is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import PiLoraError
+
+READERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def local_files(source: str) -> list[Path] | None:
+    """The files a local source names, or None when it is a hub id."""
+    if source == "demo":
+        from .demo import TEXT
+
+        return [TEXT]
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix not in READERS:
+            raise PiLoraError(f"data file '{source}' has an unsupported type; use one of {', '.join(READERS)}.")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in READERS and p.is_file())
+        if not files:
+            raise PiLoraError(f"data folder '{source}' holds no {', '.join(READERS)} files.")
+        kinds = {READERS[p.suffix] for p in files}
+        if len(kinds) > 1:
+            raise PiLoraError(f"data folder '{source}' mixes file kinds ({', '.join(sorted(kinds))}); use one.")
+        return files
+    if source.startswith((".", "/", "~")) or path.suffix in READERS:
+        raise PiLoraError(f"data file '{source}' does not exist.")
+    return None
+
+
+def open_dataset(section, files: list[Path] | None, streaming: bool):
+    """A `datasets` dataset of documents (streamed or not)."""
+    import datasets
+
+    try:
+        if files is None:
+            return datasets.load_dataset(
+                section.source, section.config, split=section.split, streaming=streaming
+            )
+        reader = READERS[files[0].suffix]
+        extra = {"sample_by": "document"} if reader == "text" else {}
+        return datasets.load_dataset(
+            reader, data_files=[str(f) for f in files], split="train", streaming=streaming, **extra
+        )
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PiLoraError(f"cannot read data '{section.source}': {msg}") from e
+
+
+def texts(dataset, field: str) -> Iterator[str]:
+    for row in dataset:
+        if field not in row:
+            raise PiLoraError(
+                f"data rows have no field '{field}' (fields: {', '.join(row)}); set data.text_field."
+            )
+        text = row[field]
+        if isinstance(text, str) and text:
+            yield text
+
+
+def token_ids(docs: Iterable[str], tokenizer, batch: int = 32) -> Iterator[list[int]]:
+    """Each document as BOS + tokens + EOS (BOS only where the tokenizer has one)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id]
+    pending: list[str] = []
+
+    def flush():
+        out = tokenizer(pending, add_special_tokens=False, verbose=False)["input_ids"]
+        pending.clear()
+        return out
+
+    for doc in docs:
+        pending.append(doc)
+        if len(pending) == batch:
+            yield from (bos + ids + eos for ids in flush())
+    if pending:
+        yield from (bos + ids + eos for ids in flush())
+
+
+def pack(docs: Iterable[list[int]], length: int) -> Iterator[np.ndarray]:
+    """Consecutive sequences of exactly `length` tokens; the tail that does not fill one is dropped."""
+    buffer: list[int] = []
+    for ids in docs:
+        buffer.extend(ids)
+        while len(buffer) >= length:
+            yield np.asarray(buffer[:length], dtype=np.int64)
+            del buffer[:length]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(
+        f"{text}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}".encode()
+    ).hexdigest()
+
+
+def cache_key(section, files: list[Path], tokenizer) -> str:
+    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    blob = json.dumps([tokenizer_fingerprint(tokenizer), stamp, section.text_field])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cached_tokens(section, files: list[Path], tokenizer, cache_dir: Path, progress=None) -> np.ndarray:
+    """The whole token stream of local files, tokenized once and memory-mapped after."""
+    path = cache_dir / f"{cache_key(section, files, tokenizer)}.npy"
+    if path.is_file():
+        return np.load(path, mmap_mode="r")
+    dataset = open_dataset(section, files, streaming=False)
+    task = progress.add_task("tokenizing", total=len(dataset)) if progress else None
+    chunks = []
+    for ids in token_ids(texts(dataset, section.text_field), tokenizer):
+        chunks.append(np.asarray(ids, dtype=np.uint32))
+        if progress:
+            progress.advance(task)
+    stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint32)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, stream)
+    os.replace(tmp, path)
+    return stream
+
+
+def _counting(docs: Iterator[list[int]], found: list[int]) -> Iterator[list[int]]:
+    for ids in docs:
+        found[0] += len(ids)
+        yield ids
+
+
+def too_short(found: int, length: int) -> PiLoraError:
+    return PiLoraError(
+        f"the data holds {found} tokens, but one sequence needs {length}; "
+        "give more text or a shorter target length."
+    )
+
+
+class PackedData:
+    """Sequences of a fixed length from a token array; sequence i is deterministic given the seed."""
+
+    def __init__(self, tokens: np.ndarray, length: int, seed: int, shuffle: bool):
+        self.count = len(tokens) // length
+        if self.count == 0:
+            raise too_short(len(tokens), length)
+        self.tokens, self.length, self.seed, self.shuffle = tokens, length, seed, shuffle
+        self.total_tokens = len(tokens)
+
+    def describe(self) -> str:
+        return (
+            f"{self.count} sequences of {self.length} tokens "
+            f"({self.count * self.length:,} of {self.total_tokens:,} tokens used)"
+        )
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.count)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.count)
+
+    def batches(self, start: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """Batches of sequences from global sequence index `start` on, looping over epochs."""
+        index, epoch, order = start, None, None
+        while True:
+            rows = []
+            for _ in range(batch_size):
+                e, i = divmod(index, self.count)
+                if e != epoch:
+                    epoch, order = e, self.order(e)
+                j = order[i] * self.length
+                rows.append(torch.from_numpy(np.asarray(self.tokens[j : j + self.length], dtype=np.int64)))
+                index += 1
+            yield torch.stack(rows)
+
+
+class StreamedData:
+    """Sequences packed on the fly from a streamed dataset; resuming skips what was consumed."""
+
+    def __init__(self, dataset, tokenizer, field: str, length: int):
+        self.dataset, self.tokenizer, self.field, self.length = dataset, tokenizer, field, length
+        self.count = None
+
+    def describe(self) -> str:
+        return f"streamed, packed into sequences of {self.length} tokens"
+
+    def sequences(self) -> Iterator[np.ndarray]:
+        """Packed sequences, starting the stream over whenever it ends (epochs)."""
+        while True:
+            found, produced = [0], 0
+            docs = token_ids(texts(self.dataset, self.field), self.tokenizer)
+            for seq in pack(_counting(docs, found), self.length):
+                produced += 1
+                yield seq
+            if produced == 0:
+                raise too_short(found[0], self.length)
+
+    def batches(self, start: int, batch_size: int) -> Iterator[torch.Tensor]:
+        stream = self.sequences()
+        for _ in range(start):
+            next(stream)
+        while True:
+            yield torch.stack([torch.from_numpy(next(stream)) for _ in range(batch_size)])
+
+
+def load(section, tokenizer, length: int, seed: int, cache_dir: Path, progress=None):
+    """Packed training data for `section`, as PackedData (local, cached) or StreamedData (hub)."""
+    files = local_files(section.source)
+    streaming = files is None if section.streaming == "auto" else section.streaming
+    if streaming:
+        dataset = open_dataset(section, files, streaming=True)
+        return StreamedData(dataset, tokenizer, section.text_field, length)
+    if files is None:
+        dataset = open_dataset(section, None, streaming=False)
+        tokens = np.fromiter(
+            (t for ids in token_ids(texts(dataset, section.text_field), tokenizer) for t in ids), dtype=np.uint32
+        )
+    else:
+        tokens = cached_tokens(section, files, tokenizer, cache_dir, progress)
+    return PackedData(tokens, length, seed, section.shuffle)

@@ -1,0 +1,164 @@
+"""Loading a base (alias, hub id, folder or GGUF file) with PI and 4-bit weights; adding LoRA."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from . import rope
+from .errors import PiLoraError
+
+# Short names for the public checkpoints people extend; `pi-lora models` lists them.
+ALIASES = {
+    "llama-7b": "huggyllama/llama-7b",
+    "llama-13b": "huggyllama/llama-13b",
+    "llama-30b": "huggyllama/llama-30b",
+    "llama-65b": "huggyllama/llama-65b",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama3-70b": "meta-llama/Meta-Llama-3-70B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "tinyllama-1.1b": "TinyLlama/TinyLlama_v1.1",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
+}
+DEMO = "demo"  # a tiny LLaMA built on this machine; see pi_lora.demo
+
+
+def locate(base: str) -> tuple[str, dict]:
+    """Where from_pretrained should look for `base`, and the extra keyword it needs (GGUF)."""
+    if base == DEMO:
+        from .demo import demo_base
+
+        return str(demo_base()), {}
+    base = ALIASES.get(base, base)
+    path = Path(base).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PiLoraError(f"GGUF file '{base}' does not exist.")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists() and not path.is_dir():
+        raise PiLoraError(f"base '{base}' is a file; give a model folder, a .gguf file, a hub id or an alias.")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PiLoraError(f"model folder '{base}' has no config.json.")
+        return str(path), {}
+    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+        raise PiLoraError(f"model folder '{base}' does not exist.")
+    return base, {}
+
+
+def load_config(base: str, revision: str | None = None, trust_remote_code: bool = False):
+    where, extra = locate(base)
+    try:
+        return AutoConfig.from_pretrained(
+            where, revision=revision, trust_remote_code=trust_remote_code, **extra
+        )
+    except (OSError, ValueError) as e:
+        aliases = ", ".join(ALIASES)
+        raise PiLoraError(
+            f"cannot load the config of '{base}': {first_line(e)}\n"
+            f"Give a local model folder, a hub id (online, or in the local cache), or an alias: {aliases}."
+        ) from e
+
+
+def load_tokenizer(base: str, revision: str | None = None, trust_remote_code: bool = False):
+    where, extra = locate(base)
+    tokenizer = AutoTokenizer.from_pretrained(
+        where, revision=revision, trust_remote_code=trust_remote_code, **extra
+    )
+    if tokenizer.eos_token_id is None:
+        raise PiLoraError(f"the tokenizer of '{base}' has no end-of-sequence token to separate documents.")
+    return tokenizer
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(name: str, on: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if on.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def quantization(section, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if section.quant == "none":
+        return None
+    if section.quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=section.quant,
+        bnb_4bit_use_double_quant=section.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_base(section, config, on: torch.device):
+    """The base model with PI already in `config`, quantized as the recipe says."""
+    where, extra = locate(section.base)
+    dtype = compute_dtype(section.compute_dtype, on)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*rope_scaling.*")
+        model = AutoModelForCausalLM.from_pretrained(
+            where,
+            config=config,
+            revision=section.revision,
+            trust_remote_code=section.trust_remote_code,
+            dtype=dtype,
+            quantization_config=quantization(section, dtype),
+            attn_implementation=section.attn_implementation,
+            device_map={"": on.index or 0} if on.type == "cuda" else None,
+            **extra,
+        )
+    model.config.use_cache = False
+    return model
+
+
+def trainable_module_names(model, kinds: list[str]) -> list[str]:
+    """peft `modules_to_save` names for LongLoRA's extra trainable layers."""
+    names = []
+    if "embed" in kinds:
+        embed = model.get_input_embeddings()
+        names += [name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if mod is embed]
+    if "norm" in kinds:
+        # peft matches by suffix, so "norm" covers input_layernorm, post_attention_layernorm and the final norm
+        names.append("norm")
+    return names
+
+
+def add_lora(model, lora, gradient_checkpointing: bool):
+    """Wrap the base in a peft LoRA model; only adapters (and `trainable` layers) get gradients."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    # non-reentrant checkpointing: the reentrant kind re-runs layers under no_grad, and a no-grad
+    # forward through a bitsandbytes 4-bit layer on CPU corrupts its weights (see pi_lora.quant)
+    ckpt = {"use_reentrant": False}
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing, ckpt)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=trainable_module_names(model, lora.trainable) or None,
+        ensure_weight_tying="embed" in lora.trainable and bool(model.config.tie_word_embeddings),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise PiLoraError(f"LoRA could not be applied: {first_line(e)}") from e
+

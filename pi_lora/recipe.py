@@ -1,0 +1,267 @@
+"""The recipe: every setting of a run, as a strict typed tree.
+
+Precedence: defaults < recipe file < `--set key.path=value` < first-class CLI flags.
+All layers are merged as plain dicts and validated once, so every problem (unknown key,
+wrong type, missing value) is reported together with its key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import PiLoraError, RecipeError
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class _Section(BaseModel):
+    # strict: "8" is not an int and 1 is not a bool; a typo is an error, never a silent None.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelSection(_Section):
+    base: str | None = None  # alias (see `pi-lora models`), hub id or local folder
+    revision: str | None = None
+    quant: Literal["nf4", "fp4", "int8", "none"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = True
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+class RopeSection(_Section):
+    target_len: PosInt | None = None
+    scaling: Literal["linear"] = "linear"
+
+
+class LoraSection(_Section):
+    rank: PosInt = 8
+    alpha: PosFloat = 16.0
+    dropout: Fraction = 0.0
+    target_modules: Literal["all-linear"] | list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    trainable: list[Literal["embed", "norm"]] = []
+
+
+class DataSection(_Section):
+    source: str = "emozilla/pg19"  # hub dataset id, local file or folder, or "demo"
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: Literal["auto"] | bool = "auto"  # auto: stream hub datasets, cache local files
+    shuffle: bool = True
+
+
+class TrainSection(_Section):
+    steps: PosInt = 1000
+    lr: PosFloat = 2e-5
+    warmup_steps: NonNegInt = 20
+    schedule: Literal["constant", "cosine"] = "constant"
+    batch_size: PosInt = 1
+    grad_accum: PosInt = 64
+    max_grad_norm: NonNegFloat = 1.0  # 0 disables clipping
+    weight_decay: NonNegFloat = 0.0
+    betas: Annotated[list[Fraction], Field(min_length=2, max_length=2)] = [0.9, 0.95]
+    seed: int = 42
+    log_every: PosInt = 1
+    save_every: PosInt = 100
+    keep_checkpoints: PosInt = 2
+
+
+class Recipe(_Section):
+    output: str | None = None  # run folder; default runs/<base>-<target_len>
+    model: ModelSection = ModelSection()
+    rope: RopeSection = RopeSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+
+
+REQUIRED = ("model.base", "rope.target_len")
+SHIPPED_DIRS = (Path(__file__).parent / "recipes", Path(__file__).parent.parent / "recipes")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `2e-5` as a string; recipes are full of such learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value, typed the way the same text would be in a recipe file."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def shipped() -> dict[str, Path]:
+    """Shipped recipe names mapped to their files."""
+    for folder in SHIPPED_DIRS:
+        if folder.is_dir():
+            return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    return {}
+
+
+def find(name_or_path: str) -> Path:
+    """A recipe named by file path or by shipped name."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    recipes = shipped()
+    name = path.name.removesuffix(".yaml")
+    if name in recipes and len(path.parts) == 1:
+        return recipes[name]
+    hint = difflib.get_close_matches(name, list(recipes), n=1)
+    more = f" Did you mean '{hint[0]}'?" if hint else ""
+    raise PiLoraError(
+        f"recipe '{name_or_path}' is neither a file nor a shipped recipe ({', '.join(recipes)}).{more}"
+    )
+
+
+def read(path: Path) -> dict:
+    """The raw mapping of a recipe file; YAML syntax errors say where."""
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise RecipeError([f"not valid YAML: {e}"], source=str(path)) from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"top level must be a mapping of sections, got {type(data).__name__}"], str(path))
+    return data
+
+
+def parse_sets(items: list[str]) -> dict:
+    """`key.path=value` strings as a nested mapping."""
+    tree: dict = {}
+    problems = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set '{item}': expected key.path=value")
+            continue
+        set_path(tree, key.strip(), parse_value(value))
+    if problems:
+        raise RecipeError(problems, source="--set")
+    return tree
+
+
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError([f"{dotted}: '{part}' is a value, not a section"], source="--set")
+    node[leaf] = value
+
+
+def merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, recursively for sections."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Flat `key.path -> value` view of a nested mapping."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(leaves(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _fields_at(loc: list) -> list[str]:
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def _describe(errors: list[dict]) -> list[str]:
+    """Pydantic errors as `key.path: problem`, one line per key, unions folded."""
+    by_path: dict[str, list[str]] = {}
+    for err in errors:
+        # union branches add tags like "list[str]"; keep only real keys and list indices
+        loc = [p for p in err["loc"] if isinstance(p, int) or re.fullmatch(r"[A-Za-z_]\w*", p)]
+        path = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1)
+            msg = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        else:
+            msg = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {err['input']!r}"
+        by_path.setdefault(path, []).append(msg)
+    return [f"{path}: {' or '.join(dict.fromkeys(msgs))}" for path, msgs in by_path.items()]
+
+
+def validate(tree: dict, source: str = "recipe", require: bool = True) -> Recipe:
+    """A checked Recipe, or a RecipeError listing every problem with its key path."""
+    problems: list[str] = []
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as e:
+        problems = _describe(e.errors())
+        recipe = None
+    if require:
+        flat = leaves(tree)
+        problems += [f"{key}: required, not set" for key in REQUIRED if flat.get(key) is None]
+    if problems:
+        raise RecipeError(problems, source=source)
+    return recipe
+
+
+def default_output(recipe: Recipe) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(recipe.model.base.rstrip("/")).name).strip("-")
+    return f"runs/{name}-{recipe.rope.target_len}"
+
+
+def resolve(file_tree: dict, sets: list[str], flags: dict[str, Any], source: str = "recipe"):
+    """Merge the layers, validate once. Returns the recipe and each override with where it came from."""
+    defaults = Recipe().model_dump(mode="json")
+    layers = [(source, file_tree), ("--set", parse_sets(sets)), ("flag", {})]
+    for dotted, value in flags.items():
+        if value is not None:
+            set_path(layers[2][1], dotted, value)
+    tree = defaults
+    origin: dict[str, str] = {}
+    for name, layer in layers:
+        tree = merge(tree, layer)
+        origin.update({key: name for key in leaves(layer)})
+    recipe = validate(tree, source=source)
+    if recipe.output is None:
+        recipe.output = default_output(recipe)
+        origin["output"] = "derived"
+    flat, flat_defaults = leaves(recipe.model_dump(mode="json")), leaves(defaults)
+    overrides = {
+        key: (value, origin.get(key, "recipe"))
+        for key, value in flat.items()
+        if value != flat_defaults.get(key)
+    }
+    return recipe, overrides
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

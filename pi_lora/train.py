@@ -1,0 +1,303 @@
+"""`pi-lora train`: PI on the base config, LoRA on the 4-bit base, a loop that can be killed and resumed.
+
+Order matters for "nothing half-written": everything that can fail on bad input (recipe, base
+config, rope, tokenizer, data) is checked before the run folder is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from . import __version__, data, model, quant, rope, run
+from .errors import OutOfMemory, PiLoraError
+from .recipe import Recipe, dump
+
+
+@dataclass
+class Plan:
+    """What a run needs, checked before any weight is loaded."""
+
+    recipe: Recipe
+    config: object  # base config with PI applied
+    pi: rope.Interpolation
+    tokenizer: object
+    data: object  # data.PackedData | data.StreamedData
+    folder: Path
+
+    @property
+    def per_step(self) -> int:
+        return self.recipe.train.batch_size * self.recipe.train.grad_accum
+
+
+def plan(recipe: Recipe, progress: Progress | None = None) -> Plan:
+    m = recipe.model
+    config = model.load_config(m.base, m.revision, m.trust_remote_code)
+    pi = rope.interpolation(config, recipe.rope.target_len, recipe.rope.scaling)
+    rope.apply(config, pi)
+    tokenizer = model.load_tokenizer(m.base, m.revision, m.trust_remote_code)
+    from .demo import home
+
+    packed = data.load(recipe.data, tokenizer, pi.target_len, recipe.train.seed, home() / "tokens", progress)
+    return Plan(recipe, config, pi, tokenizer, packed, Path(recipe.output))
+
+
+def describe(p: Plan, console: Console) -> None:
+    t, pi = p.recipe.train, p.pi
+    console.print(
+        f"[bold]PI[/]: {pi.original_len} -> {pi.target_len} tokens, rope '{pi.rope_type}' factor "
+        f"{pi.factor:g}, rope_theta {pi.rope_theta:g} (kept)"
+    )
+    need = t.steps * p.per_step
+    console.print(f"[bold]data[/]: {p.data.describe()}")
+    epochs = f", {need / p.data.count:.2f} epochs" if p.data.count else ""
+    console.print(
+        f"[bold]budget[/]: {t.steps} steps x {t.batch_size} x {t.grad_accum} accum = {need} sequences, "
+        f"{need * pi.target_len:,} tokens{epochs}"
+    )
+
+
+def metadata(p: Plan) -> dict:
+    import peft
+    import transformers
+
+    base = p.recipe.model.base
+    where, _ = model.locate(base)
+    return {
+        "base": base,
+        "base_path": str(Path(where).resolve()) if Path(where).exists() else where,
+        "revision": p.recipe.model.revision or getattr(p.config, "_commit_hash", None),
+        **p.pi.as_dict(),
+        "rope_parameters": p.pi.rope_parameters(),
+        "quant": p.recipe.model.quant,
+        "trainable": p.recipe.lora.trainable,
+        "pi_lora_version": __version__,
+        "transformers_version": transformers.__version__,
+        "peft_version": peft.__version__,
+    }
+
+
+def scheduler(optimizer, t):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    if t.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps)
+    return get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def trainable(net) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in net.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, step: int, net, optimizer, sched, rng: dict, keep: int) -> None:
+    quant.check(net)
+    with run.atomic_dir(folder / run.CHECKPOINTS / f"step-{step}") as tmp:
+        net.save_pretrained(tmp / run.ADAPTER)
+        state = {
+            "step": step,
+            "weights": {n: p.detach().cpu() for n, p in trainable(net).items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": rng,
+        }
+        torch.save(state, tmp / run.STATE)
+    run.prune(folder, keep)
+
+
+def restore(checkpoint: Path, net, optimizer, sched) -> int:
+    state = torch.load(checkpoint / run.STATE, weights_only=False)
+    params = trainable(net)
+    missing = set(params) ^ set(state["weights"])
+    if missing:
+        raise PiLoraError(f"checkpoint {checkpoint} does not match this model: {sorted(missing)[:3]} ...")
+    with torch.no_grad():
+        for name, value in state["weights"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
+def memory_gb(on: torch.device) -> float:
+    if on.type == "cuda":
+        return torch.cuda.max_memory_allocated(on) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def oom_message(p: Plan, on: torch.device) -> str:
+    total = torch.cuda.get_device_properties(on).total_memory / 2**30 if on.type == "cuda" else 0
+    peak = memory_gb(on)
+    return (
+        f"out of memory at length {p.pi.target_len} x batch {p.recipe.train.batch_size} "
+        f"(device has {total:.1f} GiB, peak allocated {peak:.1f} GiB). To use less: "
+        "train.batch_size 1 (raise train.grad_accum to keep the batch), model.quant nf4, "
+        "model.gradient_checkpointing true, fewer lora.target_modules, a shorter rope.target_len, "
+        "or more GPUs. The last checkpoint is intact; continue with --resume."
+    )
+
+
+def autocast(on: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(on.type, dtype=dtype)
+
+
+def step_loss(net, batches, grad_accum: int, on: torch.device, dtype: torch.dtype) -> float:
+    """One optimizer step's worth of forward/backward; returns the mean loss."""
+    total = 0.0
+    for _ in range(grad_accum):
+        ids = next(batches).to(on)
+        with autocast(on, dtype):
+            loss = net(input_ids=ids, labels=ids).loss
+        (loss / grad_accum).backward()
+        total += loss.item()
+    return total / grad_accum
+
+
+class Interrupted(PiLoraError):
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """A scheduler's SIGTERM gets the same clean checkpoint as Ctrl-C."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+
+
+def fit(p: Plan, console: Console, resume: bool) -> Path:
+    """Train; returns the run folder. A fresh run that fails before its first checkpoint leaves nothing."""
+    folder, t = p.folder, p.recipe.train
+    ckpts = run.checkpoints(folder) if resume else []
+    fresh = not (folder / run.RECIPE).is_file()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        if not resume:
+            run.write_text(folder / run.RECIPE, f"# pi-lora {__version__}: resolved recipe\n" + dump(p.recipe))
+            run.write_json(folder / run.META, metadata(p))
+        return _loop(p, console, ckpts[-1] if ckpts else None)
+    except BaseException:
+        if fresh and not run.checkpoints(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _loop(p: Plan, console: Console, checkpoint: Path | None) -> Path:
+    folder, t, m = p.folder, p.recipe.train, p.recipe.model
+    on = model.device()
+    dtype = model.compute_dtype(m.compute_dtype, on)
+    seed_everything(t.seed)
+    console.print(f"loading {m.base} ({m.quant}, compute {str(dtype).removeprefix('torch.')}) on {on.type}")
+    net = model.add_lora(model.load_base(m, p.config, on), p.recipe.lora, m.gradient_checkpointing)
+    params = list(trainable(net).values())
+    console.print(f"trainable parameters: {sum(x.numel() for x in params):,}")
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    sched = scheduler(optimizer, t)
+    start = 0
+    if checkpoint is not None:
+        start = restore(checkpoint, net, optimizer, sched)
+        console.print(f"resumed from {checkpoint.name}")
+    run.truncate_metrics(folder, start)
+    net.train()
+    batches = p.data.batches(start * p.per_step, t.batch_size)
+    rng, saved, done, updating = rng_state(), start, start, False
+    tokens_per_step = p.per_step * p.pi.target_len
+    with progress_bar(console) as bar, sigterm_as_interrupt():
+        task = bar.add_task("train", total=t.steps, completed=start, info="")
+        try:
+            for step in range(start + 1, t.steps + 1):
+                began = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss = step_loss(net, batches, t.grad_accum, on, dtype)
+                if not math.isfinite(loss):
+                    raise PiLoraError(f"loss became {loss} at step {step}; lower train.lr or check the data.")
+                norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                lr = sched.get_last_lr()[0]
+                updating = True  # weights, optimizer, scheduler and RNG move together
+                optimizer.step()
+                sched.step()
+                rng, done, updating = rng_state(), step, False
+                seconds = time.perf_counter() - began
+                record = {
+                    "step": step, "loss": loss, "lr": lr, "grad_norm": float(norm),
+                    "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
+                    "mem_gb": round(memory_gb(on), 3), "seconds": seconds,
+                }
+                if step % t.log_every == 0 or step == t.steps:
+                    run.append_metrics(folder, record)
+                    info = (f"loss {loss:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
+                            f"mem {record['mem_gb']:.2f} GB")
+                    bar.update(task, info=info)
+                    if not console.is_terminal:
+                        console.print(f"step {step}/{t.steps}  {info}")
+                bar.update(task, completed=step)
+                if step % t.save_every == 0 or step == t.steps:
+                    save_checkpoint(folder, step, net, optimizer, sched, rng, t.keep_checkpoints)
+                    saved = step
+        except KeyboardInterrupt:
+            if updating:  # cut inside an update: only the last saved checkpoint is consistent
+                done = saved
+            if done > saved:
+                save_checkpoint(folder, done, net, optimizer, sched, rng, t.keep_checkpoints)
+            raise Interrupted(
+                f"interrupted; checkpoint at step {done} is saved. Continue with: "
+                f"pi-lora train --resume --output {folder}"
+            ) from None
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(oom_message(p, on)) from None
+    with run.atomic_dir(folder / run.ADAPTER) as tmp:
+        net.save_pretrained(tmp)
+    console.print(f"[green]done[/]: adapter in {folder / run.ADAPTER}, metrics in {folder / run.METRICS}")
+    return folder
