@@ -48,7 +48,7 @@ def handled(command):
         try:
             return command(*args, **kwargs)
         except PiLoraError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
@@ -156,7 +156,7 @@ def recipes_validate(files: list[str] = typer.Argument(..., help="Recipe files o
             recipes_mod.validate(recipes_mod.read(path), source=str(path), require=False)
             console.print(f"[green]ok[/] {path}")
         except PiLoraError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             failed.append(path)
     if failed:
         raise typer.Exit(2)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from . import rope
+from . import quant
 from .errors import PiLoraError
 
 # Short names for the public checkpoints people extend; `pi-lora models` lists them.
@@ -104,7 +104,7 @@ def quantization(section, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     )
 
 
-def load_base(section, config, on: torch.device):
+def load_base(section, config, on: torch.device, protect: bool = True):
     """The base model with PI already in `config`, quantized as the recipe says."""
     where, extra = locate(section.base)
     dtype = compute_dtype(section.compute_dtype, on)
@@ -122,6 +122,8 @@ def load_base(section, config, on: torch.device):
             **extra,
         )
     model.config.use_cache = False
+    if protect:
+        quant.protect(model)
     return model
 
 
