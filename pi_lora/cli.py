@@ -63,6 +63,21 @@ def print_overrides(overrides: dict) -> None:
     console.print(table)
 
 
+# What a resumed run may change: how long it runs and how it logs, never what it computes.
+RESUMABLE = {"train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "output"}
+
+
+def check_resume_changes(saved_tree: dict, resolved) -> None:
+    saved = recipes_mod.leaves(recipes_mod.validate(saved_tree).model_dump(mode="json"))
+    now = recipes_mod.leaves(resolved.model_dump(mode="json"))
+    changed = [k for k in now if now[k] != saved.get(k) and k not in RESUMABLE]
+    if changed:
+        raise PiLoraError(
+            f"a resumed run keeps its recipe; these differ from the saved one: {', '.join(changed)}. "
+            "Start a new run (new --output) to change them."
+        )
+
+
 @app.command()
 @handled
 def train(
@@ -102,6 +117,8 @@ def train(
         tree, source = recipes_mod.read(Path(folder) / run.RECIPE), str(Path(folder) / run.RECIPE)
     resolved, overrides = recipes_mod.resolve(tree, set_, flags, source=source)
     run.claim(Path(resolved.output), resume, overwrite)
+    if resume:
+        check_resume_changes(tree, resolved)
     print_overrides(overrides)
     with train_mod.progress_bar(console) as bar:
         plan = train_mod.plan(resolved, bar)

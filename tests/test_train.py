@@ -222,3 +222,15 @@ def test_models_lists_aliases():
     result = invoke(["models"])
     assert result.exit_code == 0
     assert "huggyllama/llama-7b" in result.output and "llama2-13b" in result.output
+
+
+def test_resume_refuses_to_change_what_the_run_computes(reference_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reference_run, copy)
+    changed = RUNNER.invoke(app, ["train", "--resume", "--output", str(copy), "--lr", "1e-2"])
+    assert changed.exit_code == 2 and "train.lr" in changed.output
+    longer = RUNNER.invoke(app, ["train", "--resume", "--output", str(copy), "--steps", "9"])
+    assert longer.exit_code == 0, longer.output
+    assert losses(copy)[:8] == losses(reference_run) and len(losses(copy)) == 9
