@@ -28,6 +28,7 @@ err_console = Console(stderr=True)
 FLAG_KEYS = {
     "base": "model.base",
     "target_len": "rope.target_len",
+    "scaling": "rope.scaling",
     "data": "data.source",
     "output": "output",
     "steps": "train.steps",
@@ -78,12 +79,21 @@ def check_resume_changes(saved_tree: dict, resolved) -> None:
         )
 
 
+def print_recipe(resolved) -> None:
+    """The whole resolved recipe, one line per section."""
+    for section, values in resolved.model_dump(mode="json").items():
+        if isinstance(values, dict):
+            values = ", ".join(f"{k}={v}" for k, v in values.items())
+        console.print(f"[dim]{section}: {values}[/]", highlight=False)
+
+
 @app.command()
 @handled
 def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name."),
     base: Optional[str] = typer.Option(None, help="Base model: alias (see `pi-lora models`), hub id or folder. [model.base]"),
     target_len: Optional[int] = typer.Option(None, help="New context length L'; PI factor is L'/L. [rope.target_len]"),
+    scaling: Optional[str] = typer.Option(None, help="Rope scaling used for PI (linear). [rope.scaling]"),
     data: Optional[str] = typer.Option(None, help="Hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder. [data.source]"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder. [output]"),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps. [train.steps]"),
@@ -120,6 +130,7 @@ def train(
     if resume:
         check_resume_changes(tree, resolved)
     print_overrides(overrides)
+    print_recipe(resolved)
     with train_mod.progress_bar(console) as bar:
         plan = train_mod.plan(resolved, bar)
     train_mod.describe(plan, console)

@@ -41,7 +41,7 @@ def locate(base: str) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise PiLoraError(f"GGUF file '{base}' does not exist.")
-        return str(path.parent), {"gguf_file": path.name}
+        return str(gguf_folder(path)), {}
     if path.exists() and not path.is_dir():
         raise PiLoraError(f"base '{base}' is a file; give a model folder, a .gguf file, a hub id or an alias.")
     if path.is_dir():
@@ -51,6 +51,34 @@ def locate(base: str) -> tuple[str, dict]:
     if base.startswith((".", "/", "~")) or base.count("/") > 1:
         raise PiLoraError(f"model folder '{base}' does not exist.")
     return base, {}
+
+
+def gguf_folder(gguf: Path, cache: Path | None = None) -> Path:
+    """A GGUF file as a plain transformers folder (dequantized, fp32), converted once and cached.
+
+    A folder, unlike transformers' GGUF path, can be re-quantized to NF4 and merged into.
+    """
+    import hashlib
+
+    from .demo import home
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = (cache or home() / "gguf") / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    from .run import atomic_dir
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as e:
+        raise PiLoraError(f"cannot read GGUF '{gguf}': {first_line(e)}") from e
+    model.hf_quantizer.remove_quantization_config(model)  # the weights are dense already
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
 
 
 def load_config(base: str, revision: str | None = None, trust_remote_code: bool = False):

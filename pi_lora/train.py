@@ -122,12 +122,14 @@ def trainable(net) -> dict[str, torch.Tensor]:
     return {n: p for n, p in net.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, step: int, net, optimizer, sched, rng: dict, keep: int) -> None:
+def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer, sched, rng: dict,
+                    keep: int) -> None:
     quant.check(net)
     with run.atomic_dir(folder / run.CHECKPOINTS / f"step-{step}") as tmp:
         net.save_pretrained(tmp / run.ADAPTER)
         state = {
             "step": step,
+            "sequences_seen": sequences_seen,
             "weights": {n: p.detach().cpu() for n, p in trainable(net).items()},
             "optimizer": optimizer.state_dict(),
             "scheduler": sched.state_dict(),
@@ -137,7 +139,7 @@ def save_checkpoint(folder: Path, step: int, net, optimizer, sched, rng: dict, k
     run.prune(folder, keep)
 
 
-def restore(checkpoint: Path, net, optimizer, sched) -> int:
+def restore(checkpoint: Path, net, optimizer, sched) -> tuple[int, int]:
     state = torch.load(checkpoint / run.STATE, weights_only=False)
     params = trainable(net)
     missing = set(params) ^ set(state["weights"])
@@ -149,7 +151,7 @@ def restore(checkpoint: Path, net, optimizer, sched) -> int:
     optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return state["step"]
+    return state["step"], state["sequences_seen"]
 
 
 def memory_gb(on: torch.device) -> float:
@@ -245,13 +247,13 @@ def _loop(p: Plan, console: Console, checkpoint: Path | None) -> Path:
     console.print(f"trainable parameters: {sum(x.numel() for x in params):,}")
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     sched = scheduler(optimizer, t)
-    start = 0
+    start, seen = 0, 0
     if checkpoint is not None:
-        start = restore(checkpoint, net, optimizer, sched)
-        console.print(f"resumed from {checkpoint.name}")
+        start, seen = restore(checkpoint, net, optimizer, sched)
+        console.print(f"resumed from {checkpoint.name} ({seen} sequences seen)")
     run.truncate_metrics(folder, start)
     net.train()
-    batches = p.data.batches(start * p.per_step, t.batch_size)
+    batches = p.data.batches(seen, t.batch_size)
     rng, saved, done, updating = rng_state(), start, start, False
     tokens_per_step = p.per_step * p.pi.target_len
     with progress_bar(console) as bar, sigterm_as_interrupt():
@@ -284,13 +286,13 @@ def _loop(p: Plan, console: Console, checkpoint: Path | None) -> Path:
                         console.print(f"step {step}/{t.steps}  {info}")
                 bar.update(task, completed=step)
                 if step % t.save_every == 0 or step == t.steps:
-                    save_checkpoint(folder, step, net, optimizer, sched, rng, t.keep_checkpoints)
+                    save_checkpoint(folder, step, step * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints)
                     saved = step
         except KeyboardInterrupt:
             if updating:  # cut inside an update: only the last saved checkpoint is consistent
                 done = saved
             if done > saved:
-                save_checkpoint(folder, done, net, optimizer, sched, rng, t.keep_checkpoints)
+                save_checkpoint(folder, done, done * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints)
             raise Interrupted(
                 f"interrupted; checkpoint at step {done} is saved. Continue with: "
                 f"pi-lora train --resume --output {folder}"

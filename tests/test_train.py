@@ -196,6 +196,9 @@ def gpt2_folder(tmp_path):
     (["--set", "train.schedule=wavy"], "train.schedule:"),
     (["--resume"], "nothing to resume"),
     (["--recipe", "no-such-recipe"], "neither a file nor a shipped recipe"),
+    (["--base", "llama-7b"], "cannot load the config of 'llama-7b'"),  # offline, not in the cache
+    (["--data", "someone/no-such-dataset"], "cannot read data 'someone/no-such-dataset'"),
+    (["--scaling", "yarn"], "rope.scaling:"),
 ])
 def test_bad_input_exits_2_and_leaves_nothing(change, message, tiny_base, corpus, tmp_path):
     out = tmp_path / "out"
