@@ -91,19 +91,19 @@ def print_recipe(resolved) -> None:
 @handled
 def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name."),
-    base: Optional[str] = typer.Option(None, help="Base model: alias (see `pi-lora models`), hub id or folder. [model.base]"),
-    target_len: Optional[int] = typer.Option(None, help="New context length L'; PI factor is L'/L. [rope.target_len]"),
-    scaling: Optional[str] = typer.Option(None, help="Rope scaling used for PI (linear). [rope.scaling]"),
-    data: Optional[str] = typer.Option(None, help="Hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder. [data.source]"),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder. [output]"),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps. [train.steps]"),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate. [train.lr]"),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank. [lora.rank]"),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. [train.batch_size]"),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step. [train.grad_accum]"),
-    seed: Optional[int] = typer.Option(None, help="Random seed. [train.seed]"),
+    base: Optional[str] = typer.Option(None, help="Base model: alias (see `pi-lora models`), hub id or folder. Recipe key: model.base."),
+    target_len: Optional[int] = typer.Option(None, help="New context length L'; PI factor is L'/L. Recipe key: rope.target_len."),
+    scaling: Optional[str] = typer.Option(None, help="Rope scaling used for PI (linear). Recipe key: rope.scaling."),
+    data: Optional[str] = typer.Option(None, help="Hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder. Recipe key: data.source."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder. Recipe key: output."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps. Recipe key: train.steps."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate. Recipe key: train.lr."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank. Recipe key: lora.rank."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. Recipe key: train.batch_size."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step. Recipe key: train.grad_accum."),
+    seed: Optional[int] = typer.Option(None, help="Random seed. Recipe key: train.seed."),
     trust_remote_code: Optional[bool] = typer.Option(
-        None, "--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub. [model.trust_remote_code]"
+        None, "--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub. Recipe key: model.trust_remote_code."
     ),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
@@ -139,6 +139,40 @@ def train(
 
         shutil.rmtree(resolved.output)
     train_mod.fit(plan, console, resume)
+
+
+@app.command()
+@handled
+def merge(
+    run_dir: Path = typer.Argument(..., help="Run folder made by `pi-lora train`."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the merged model [default: RUN_DIR/merged]."),
+    base: Optional[str] = typer.Option(None, help="Where the base is (overrides the run's pi_lora.json), e.g. a local copy."),
+    dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 [default: the base's own]."),
+    merge_base: str = typer.Option("full", help="full: merge into the full-precision base weights. dequantized: into dequant(NF4), the weights training saw."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare merged logits with base + adapter after writing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    shard_gb: float = typer.Option(2.0, help="Largest output shard, in GiB; peak memory is about one shard."),
+):
+    """Merge a run's adapter into its base: a full model with the extended context in config.json."""
+    from . import merge as merge_mod
+    from . import train as train_mod
+
+    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+        raise PiLoraError(f"--dtype must be bf16, fp16 or fp32, not '{dtype}'.")
+    if merge_base not in ("full", "dequantized"):
+        raise PiLoraError(f"--merge-base must be full or dequantized, not '{merge_base}'.")
+    if shard_gb <= 0:
+        raise PiLoraError("--shard-gb must be positive.")
+    output = output or run_dir / "merged"
+    with train_mod.progress_bar(console) as bar:
+        err = merge_mod.merge(run_dir, output, base, dtype, merge_base, verify, overwrite, shard_gb, bar)
+    if err is None:
+        console.print("verification skipped (--no-verify)")
+    elif err != err:
+        console.print("[yellow]verification skipped[/]: two fp32 copies of this model do not fit in memory here")
+    else:
+        console.print(f"verified: merged logits match base + adapter (max relative difference {err:.1e})")
+    console.print(f"[green]merged[/] into {output}")
 
 
 @app.command()

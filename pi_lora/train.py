@@ -82,6 +82,8 @@ def metadata(p: Plan) -> dict:
         **p.pi.as_dict(),
         "rope_parameters": p.pi.rope_parameters(),
         "quant": p.recipe.model.quant,
+        "double_quant": p.recipe.model.double_quant,
+        "compute_dtype": str(model.compute_dtype(p.recipe.model.compute_dtype, model.device())).removeprefix("torch."),
         "trainable": p.recipe.lora.trainable,
         "pi_lora_version": __version__,
         "transformers_version": transformers.__version__,

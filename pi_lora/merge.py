@@ -1,0 +1,267 @@
+"""`pi-lora merge`: a run folder into a full model that loads anywhere with the extended context.
+
+Streams tensor by tensor over the base's safetensors shards (W' = W + scale * B @ A in fp32, cast
+back), writing output shards as it goes, so peak memory is about one output shard plus the adapter,
+not the model. Everything is written into a temporary folder that is renamed only after the
+verification passed, so an interrupted or failed merge leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import model, rope, run
+from .errors import PiLoraError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PREFIX = "base_model.model."
+COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+          "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+@dataclass
+class Adapter:
+    """LoRA factors by base weight name, whole replacement tensors (trained embed/norm), and the scale."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    replaced: dict[str, torch.Tensor]
+    scale: float
+
+    def delta(self, name: str, shape: torch.Size) -> torch.Tensor | None:
+        if name not in self.factors:
+            return None
+        a, b = self.factors[name]
+        if (b.shape[0], a.shape[1]) != tuple(shape):
+            raise PiLoraError(
+                f"the base does not match the adapter: {name} is {tuple(shape)} in the base, "
+                f"{(b.shape[0], a.shape[1])} in the adapter."
+            )
+        return self.scale * (b.float() @ a.float())
+
+
+def read_adapter(folder: Path) -> Adapter:
+    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not (config_path.is_file() and weights_path.is_file()):
+        raise PiLoraError(f"no adapter in '{folder}' (adapter_config.json and adapter_model.safetensors).")
+    config = json.loads(config_path.read_text())
+    if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise PiLoraError("adapters with DoRA or per-layer rank/alpha patterns are not supported by merge.")
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    factors: dict[str, list] = {}
+    replaced = {}
+    with safe_open(weights_path, "pt") as f:
+        for key in f.keys():
+            name = key.removeprefix(PREFIX)
+            for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+                if name.endswith(part):
+                    factors.setdefault(name.removesuffix(part) + ".weight", [None, None])[slot] = f.get_tensor(key)
+                    break
+            else:
+                replaced[name] = f.get_tensor(key)
+    return Adapter({k: tuple(v) for k, v in factors.items()}, replaced, scale)
+
+
+def base_files(base: str, revision: str | None = None) -> Path:
+    """A local folder holding the base's safetensors (hub ids come from the local hub cache or the hub)."""
+    where, _ = model.locate(base)
+    folder = Path(where)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(where, revision=revision, allow_patterns=["*.json", "*.safetensors",
+                                                                                     "tokenizer*", "*.jinja"]))
+        except Exception as e:  # hub errors have many types; all mean "not reachable here"
+            raise PiLoraError(f"cannot get the base '{base}': {model.first_line(e)}") from e
+    if not list(folder.glob("*.safetensors")):
+        raise PiLoraError(f"base '{base}' has no .safetensors weights in {folder}; merge needs safetensors.")
+    return folder
+
+
+def dequantized(weight: torch.Tensor, meta: dict) -> torch.Tensor:
+    """dequant(quant(W)): the weights training actually saw through bitsandbytes."""
+    import bitsandbytes.functional as bnbf
+
+    dtype = DTYPES.get(meta.get("compute_dtype", "fp32"), torch.float32)
+    packed, state = bnbf.quantize_4bit(
+        weight.to(dtype), quant_type=meta["quant"], compress_statistics=meta.get("double_quant", True)
+    )
+    return bnbf.dequantize_4bit(packed, state).float()
+
+
+def merged(name: str, weight: torch.Tensor, adapter: Adapter, dtype, meta: dict, into: str) -> torch.Tensor:
+    out_dtype = dtype or weight.dtype
+    if name in adapter.replaced:
+        return adapter.replaced[name].to(out_dtype)
+    delta = adapter.delta(name, weight.shape)
+    if delta is None:
+        return weight.to(out_dtype) if weight.is_floating_point() else weight
+    base = dequantized(weight, meta) if into == "dequantized" else weight.float()
+    return (base + delta).to(out_dtype)
+
+
+def write_shards(source: Path, out: Path, adapter: Adapter, dtype, meta: dict, into: str,
+                 shard_bytes: int, progress=None) -> dict[str, str]:
+    """Merged tensors written as `model-XXXXX.safetensors` shards; returns the weight map."""
+    files = sorted(source.glob("*.safetensors"))
+    names = [(f, k) for f in files for k in safe_open(f, "pt").keys()]
+    task = progress.add_task("merging", total=len(names)) if progress else None
+    pending, size, shards, weight_map = {}, 0, [], {}
+    used = set()
+
+    def flush():
+        nonlocal pending, size
+        if pending:
+            shards.append(f"part-{len(shards):05d}.safetensors")
+            save_file(pending, out / shards[-1], metadata={"format": "pt"})
+            weight_map.update({k: shards[-1] for k in pending})
+            pending, size = {}, 0
+
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                pending[key] = merged(key, f.get_tensor(key), adapter, dtype, meta, into).contiguous()
+                used.add(key)
+                size += pending[key].numel() * pending[key].element_size()
+                if size >= shard_bytes:
+                    flush()
+                if progress:
+                    progress.advance(task)
+    flush()
+    unused = (set(adapter.factors) | set(adapter.replaced)) - used
+    if unused:
+        raise PiLoraError(f"the base does not match the adapter: no base weight for {sorted(unused)[:3]}")
+    return rename_shards(out, shards, weight_map)
+
+
+def rename_shards(out: Path, shards: list[str], weight_map: dict[str, str]) -> dict[str, str]:
+    """Standard shard names (model.safetensors, or model-0000i-of-0000n.safetensors with an index)."""
+    if len(shards) == 1:
+        names = {shards[0]: "model.safetensors"}
+    else:
+        names = {s: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, s in enumerate(shards)}
+    for old, new in names.items():
+        (out / old).rename(out / new)
+    return {k: names[v] for k, v in weight_map.items()}
+
+
+def write_config(source: Path, out: Path, meta: dict, dtype) -> None:
+    """config.json with PI in both the transformers-5 form and the legacy form older readers use."""
+    config = json.loads((source / "config.json").read_text())
+    pi = rope.Interpolation(meta["original_len"], meta["target_len"], meta["factor"], meta["rope_type"],
+                            meta["rope_theta"])
+    config.pop("rope_theta", None)
+    config["rope_parameters"] = pi.rope_parameters()
+    config["rope_scaling"] = pi.rope_scaling()
+    config["rope_theta"] = pi.rope_theta
+    config["max_position_embeddings"] = pi.target_len
+    config.pop("quantization_config", None)
+    if dtype is not None:
+        config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def model_card(meta: dict, recipe_text: str) -> str:
+    return (
+        f"# {Path(meta['base']).name} extended to {meta['target_len']} tokens\n\n"
+        f"Merged by pi-lora {meta['pi_lora_version']}: base `{meta['base']}` "
+        f"(trained to {meta['original_len']} tokens) with Position Interpolation, rope_type "
+        f"`{meta['rope_type']}`, factor {meta['factor']:g}, rope_theta {meta['rope_theta']:g}, and a LoRA "
+        f"adapter trained on a {meta['quant']} base.\n\n"
+        "`config.json` carries the rope setting; load with plain `AutoModelForCausalLM.from_pretrained`.\n\n"
+        f"## Recipe\n\n```yaml\n{recipe_text}```\n"
+    )
+
+
+def reference(source: Path, adapter_dir: Path, meta: dict, into: str):
+    """Base + adapter through peft: full-precision base, or the 4-bit base training saw."""
+    from peft import PeftModel
+    from transformers import AutoConfig
+
+    from .recipe import ModelSection
+
+    config = AutoConfig.from_pretrained(source)
+    config.rope_parameters = {**meta["rope_parameters"]}
+    quant = meta["quant"] if into == "dequantized" else "none"
+    section = ModelSection(base=str(source), quant=quant, double_quant=meta.get("double_quant", True),
+                           compute_dtype="fp32")
+    base = model.load_base(section, config, torch.device("cpu"))
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def fits_twice(source: Path) -> bool:
+    """Whether two fp32 copies of the model fit in the memory that is free now."""
+    import psutil
+
+    params = sum(f.stat().st_size for f in source.glob("*.safetensors")) / 2  # assume 16-bit storage
+    return 2 * 4 * params < 0.7 * psutil.virtual_memory().available
+
+
+def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str, tolerance: float = 1e-4) -> float:
+    """Logits of the merged model against base + adapter, fp32 on CPU, past the original length."""
+    from transformers import AutoModelForCausalLM
+
+    want_model = reference(source, adapter_dir, meta, into)
+    merged_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    length = min(meta["target_len"], meta["original_len"] + 64)
+    vocab = merged_model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = want_model(input_ids=ids).logits
+        got = merged_model(input_ids=ids).logits
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    if err > tolerance:
+        raise PiLoraError(f"verification failed: merged logits differ from base + adapter by {err:.2e} (relative).")
+    return err
+
+
+def merge(run_dir: Path, output: Path, base: str | None = None, dtype: str | None = None,
+          into: str = "full", check: bool = True, overwrite: bool = False, shard_gb: float = 2.0,
+          progress=None) -> float | None:
+    """Merge the run's adapter into the base; returns the verification error (None when skipped)."""
+    meta = run.read_meta(run_dir)
+    adapter_dir = run_dir / run.ADAPTER
+    adapter = read_adapter(adapter_dir)
+    if output.exists() and not overwrite:
+        raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
+    source = base_files(base or meta.get("base_path") or meta["base"], meta.get("revision"))
+    need = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    if dtype is not None:
+        need = need * 4 // 2  # at most fp32 from a 16-bit base
+    output.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(output.parent).free
+    if free < need * 1.05:
+        raise PiLoraError(f"not enough disk for the merged model: needs about {need / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} GiB free at {output.parent}.")
+    err = None
+    with run.atomic_dir(output) as tmp:
+        weight_map = write_shards(source, tmp, adapter, DTYPES.get(dtype), meta, into,
+                                  int(shard_gb * 2**30), progress)
+        if len(set(weight_map.values())) > 1:
+            total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
+        write_config(source, tmp, meta, DTYPES.get(dtype))
+        for name in COPIED:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+        recipe_path = run_dir / run.RECIPE
+        recipe_text = recipe_path.read_text() if recipe_path.is_file() else ""
+        (tmp / "README.md").write_text(model_card(meta, recipe_text))
+        (tmp / run.META).write_text(json.dumps({**meta, "merged_into": into}, indent=2) + "\n")
+        if check and fits_twice(source):
+            err = verify(tmp, source, adapter_dir, meta, into)
+        elif check:
+            err = float("nan")  # too large to hold twice here; the caller says so
+    return err

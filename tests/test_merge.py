@@ -1,0 +1,147 @@
+"""`pi-lora merge` against peft's own merge, reloading, rope settings, and bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from pi_lora import merge as merge_mod
+from pi_lora import run
+from pi_lora.cli import app
+from pi_lora.errors import PiLoraError
+
+RUNNER = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, corpus, tmp_path_factory):
+    """A short run with LoRA on every linear layer plus trained embeddings and norms."""
+    out = tmp_path_factory.mktemp("merge") / "run"
+    argv = ["train", "--base", str(tiny_base), "--target-len", "256", "--data", str(corpus), "--output", str(out),
+            "--steps", "3", "--lr", "1e-2", "--grad-accum", "1", "--rank", "4",
+            "--set", "lora.trainable=[embed, norm]", "--set", "lora.target_modules=all-linear",
+            "--set", "train.warmup_steps=0"]
+    result = RUNNER.invoke(app, argv, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def peft_reference(tiny_base, run_dir):
+    meta = run.read_meta(run_dir)
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.rope_parameters = meta["rope_parameters"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, config=config, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+
+
+def test_merge_equals_peft_merge_and_unload(trained, tiny_base, tmp_path):
+    out = tmp_path / "merged"
+    result = RUNNER.invoke(app, ["merge", str(trained), "--output", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output
+    want = peft_reference(tiny_base, trained).merge_and_unload().state_dict()
+    got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    assert set(got) == set(want)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
+    changed = [k for k in want if not torch.equal(want[k], base[k])]
+    assert any("embed_tokens" in k for k in changed) and any("norm" in k for k in changed)
+    assert any("mlp.down_proj" in k for k in changed)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_merged_folder_reloads_with_rope_and_matches_beyond_original_length(trained, tiny_base, tmp_path):
+    out = tmp_path / "merged"
+    merge_mod.merge(trained, out, check=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    assert config["rope_scaling"]["type"] == "linear" and config["rope_scaling"]["factor"] == 4.0
+    assert config["max_position_embeddings"] == 256
+    assert (out / "tokenizer.json").is_file() and "factor 4" in (out / "README.md").read_text()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.config.rope_parameters["rope_theta"] == 10000.0
+    ids = torch.randint(0, 500, (1, 200), generator=torch.Generator().manual_seed(1))  # past L = 64
+    with torch.no_grad():
+        want = peft_reference(tiny_base, trained)(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_into_dequantized_matches_the_4bit_training_model(trained, tmp_path):
+    out = tmp_path / "deq"
+    err = merge_mod.merge(trained, out, into="dequantized")  # verifies against NF4 base + adapter
+    assert err is not None and err < 1e-4
+    full = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert json.loads((out / run.META).read_text())["merged_into"] == "dequantized"
+    assert full  # loads
+
+
+def test_sharded_output_has_an_index_and_reloads(trained, tmp_path):
+    out = tmp_path / "sharded"
+    merge_mod.merge(trained, out, check=False, shard_gb=0.0002, dtype="bf16")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) >= 2 and all((out / s).is_file() for s in shards)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.dtype == torch.bfloat16
+
+
+def test_failed_verification_leaves_nothing(trained, tmp_path, monkeypatch):
+    real = merge_mod.merged
+    monkeypatch.setattr(merge_mod, "merged", lambda name, *a: real(name, *a) * (1.01 if "q_proj" in name else 1))
+    out = tmp_path / "bad"
+    with pytest.raises(PiLoraError, match="verification failed"):
+        merge_mod.merge(trained, out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_interrupted_merge_leaves_nothing(trained, tmp_path, monkeypatch):
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_mod, "save_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        merge_mod.merge(trained, tmp_path / "cut", check=False, shard_gb=0.0002)
+    assert calls and not list(tmp_path.iterdir())
+
+
+def test_bad_inputs(trained, tmp_path, monkeypatch):
+    nothing = tmp_path / "empty"
+    nothing.mkdir()
+    result = RUNNER.invoke(app, ["merge", str(nothing)])
+    assert result.exit_code == 2 and "not a pi-lora run folder" in result.output
+    no_adapter = tmp_path / "no-adapter"
+    shutil.copytree(trained, no_adapter, ignore=shutil.ignore_patterns("adapter"))
+    result = RUNNER.invoke(app, ["merge", str(no_adapter)])
+    assert result.exit_code == 2 and "no adapter" in result.output
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    result = RUNNER.invoke(app, ["merge", str(trained), "--output", str(exists)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    result = RUNNER.invoke(app, ["merge", str(trained), "--dtype", "int3"])
+    assert result.exit_code == 2
+
+    import collections
+
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(merge_mod.shutil, "disk_usage", lambda p: Usage(10, 10, 1000))
+    result = RUNNER.invoke(app, ["merge", str(trained), "--output", str(tmp_path / "full-disk")])
+    assert result.exit_code == 2 and "not enough disk" in result.output
+    assert not (tmp_path / "full-disk").exists()
+
+
+def test_base_with_other_shapes_is_refused(trained, tmp_path):
+    from pi_lora.demo import build_tiny_llama
+
+    other = build_tiny_llama(tmp_path / "other", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    result = RUNNER.invoke(app, ["merge", str(trained), "--base", str(other), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "does not match the adapter" in result.output
+    assert not (tmp_path / "o").exists()
