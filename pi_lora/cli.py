@@ -151,7 +151,7 @@ def merge(
     merge_base: str = typer.Option("full", help="full: merge into the full-precision base weights. dequantized: into dequant(NF4), the weights training saw."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare merged logits with base + adapter after writing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-    shard_gb: float = typer.Option(2.0, help="Largest output shard, in GiB; peak memory is about one shard."),
+    shard_gb: float = typer.Option(1.0, help="Largest output shard, in GiB; peak memory is about one shard."),
 ):
     """Merge a run's adapter into its base: a full model with the extended context in config.json."""
     from . import merge as merge_mod
@@ -173,6 +173,23 @@ def merge(
     else:
         console.print(f"verified: merged logits match base + adapter (max relative difference {err:.1e})")
     console.print(f"[green]merged[/] into {output}")
+
+
+@app.command()
+@handled
+def export(
+    run_dir: Path = typer.Argument(..., help="Run folder made by `pi-lora train`."),
+    format: str = typer.Option("peft", "--format", help="peft: a clean adapter folder with its rope setting and a loading snippet."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder [default: RUN_DIR/export-FORMAT]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+):
+    """Export a run's adapter for other tools."""
+    from . import export as export_mod
+
+    if format not in export_mod.FORMATS:
+        raise PiLoraError(f"--format must be one of {', '.join(export_mod.FORMATS)}, not '{format}'.")
+    out = export_mod.export_peft(run_dir, output or run_dir / f"export-{format}", overwrite)
+    console.print(f"[green]exported[/] {format} adapter to {out}; its README.md shows how to load it")
 
 
 @app.command()

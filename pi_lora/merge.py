@@ -110,6 +110,13 @@ def merged(name: str, weight: torch.Tensor, adapter: Adapter, dtype, meta: dict,
     return (base + delta).to(out_dtype)
 
 
+def read_tensor(file: Path, key: str) -> torch.Tensor:
+    """One tensor, with the file mapped only while it is read: a shard kept open would keep every
+    page read so far resident, and peak memory would grow with the input shard, not the output one."""
+    with safe_open(file, "pt") as f:
+        return f.get_tensor(key).clone()
+
+
 def write_shards(source: Path, out: Path, adapter: Adapter, dtype, meta: dict, into: str,
                  shard_bytes: int, progress=None) -> dict[str, str]:
     """Merged tensors written as `model-XXXXX.safetensors` shards; returns the weight map."""
@@ -127,16 +134,14 @@ def write_shards(source: Path, out: Path, adapter: Adapter, dtype, meta: dict, i
             weight_map.update({k: shards[-1] for k in pending})
             pending, size = {}, 0
 
-    for file in files:
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                pending[key] = merged(key, f.get_tensor(key), adapter, dtype, meta, into).contiguous()
-                used.add(key)
-                size += pending[key].numel() * pending[key].element_size()
-                if size >= shard_bytes:
-                    flush()
-                if progress:
-                    progress.advance(task)
+    for file, key in names:
+        pending[key] = merged(key, read_tensor(file, key), adapter, dtype, meta, into).contiguous()
+        used.add(key)
+        size += pending[key].numel() * pending[key].element_size()
+        if size >= shard_bytes:
+            flush()
+        if progress:
+            progress.advance(task)
     flush()
     unused = (set(adapter.factors) | set(adapter.replaced)) - used
     if unused:
@@ -226,7 +231,7 @@ def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str, to
 
 
 def merge(run_dir: Path, output: Path, base: str | None = None, dtype: str | None = None,
-          into: str = "full", check: bool = True, overwrite: bool = False, shard_gb: float = 2.0,
+          into: str = "full", check: bool = True, overwrite: bool = False, shard_gb: float = 1.0,
           progress=None) -> float | None:
     """Merge the run's adapter into the base; returns the verification error (None when skipped)."""
     meta = run.read_meta(run_dir)

@@ -145,3 +145,24 @@ def test_base_with_other_shapes_is_refused(trained, tmp_path):
     result = RUNNER.invoke(app, ["merge", str(trained), "--base", str(other), "--output", str(tmp_path / "o")])
     assert result.exit_code == 2 and "does not match the adapter" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_peft_export_loads_with_the_snippet_and_matches_merged(trained, tiny_base, tmp_path):
+    out = tmp_path / "peft"
+    result = RUNNER.invoke(app, ["export", str(trained), "--format", "peft", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    readme = (out / "README.md").read_text()
+    snippet = readme.split("```python\n")[1].split("```")[0]
+    scope = {}
+    exec(snippet, scope)  # the README's own loading code
+    loaded = scope["model"].eval()
+    assert loaded.config.rope_parameters["factor"] == 4.0
+    merged = tmp_path / "merged"
+    merge_mod.merge(trained, merged, check=False)
+    ids = torch.randint(0, 500, (1, 150), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert RUNNER.invoke(app, ["export", str(trained), "--format", "onnx"]).exit_code == 2
+    assert RUNNER.invoke(app, ["export", str(trained), "--output", str(out)]).exit_code == 2
