@@ -179,17 +179,28 @@ def merge(
 @handled
 def export(
     run_dir: Path = typer.Argument(..., help="Run folder made by `pi-lora train`."),
-    format: str = typer.Option("peft", "--format", help="peft: a clean adapter folder with its rope setting and a loading snippet."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder [default: RUN_DIR/export-FORMAT]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    format: str = typer.Option("peft", "--format", help="peft: the adapter with its rope setting and a loading snippet. gguf: a merged model for llama.cpp."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (peft) or file (gguf) [default: in RUN_DIR]."),
+    outtype: str = typer.Option("f16", help="GGUF tensor type: f16, bf16, q8_0 or f32."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="GGUF: reload it through transformers and compare logits."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ):
-    """Export a run's adapter for other tools."""
+    """Export a run for other tools: a PEFT adapter folder, or a GGUF file with the extended context."""
     from . import export as export_mod
+    from . import train as train_mod
 
     if format not in export_mod.FORMATS:
         raise PiLoraError(f"--format must be one of {', '.join(export_mod.FORMATS)}, not '{format}'.")
-    out = export_mod.export_peft(run_dir, output or run_dir / f"export-{format}", overwrite)
-    console.print(f"[green]exported[/] {format} adapter to {out}; its README.md shows how to load it")
+    if format == "peft":
+        out = export_mod.export_peft(run_dir, output or run_dir / "export-peft", overwrite)
+        console.print(f"[green]exported[/] peft adapter to {out}; its README.md shows how to load it")
+        return
+    out = output or run_dir / f"model-{outtype}.gguf"
+    with train_mod.progress_bar(console) as bar:
+        err = export_mod.export_gguf(run_dir, out, outtype, overwrite, verify, bar)
+    if err is not None:
+        console.print(f"verified: transformers reads the GGUF back with logits within {err:.1e} (relative)")
+    console.print(f"[green]exported[/] {outtype} GGUF to {out}")
 
 
 @app.command()

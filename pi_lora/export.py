@@ -1,4 +1,11 @@
-"""`pi-lora export`: a run's adapter in forms other tools load (a clean PEFT folder for now)."""
+"""`pi-lora export`: a run in forms other tools load.
+
+peft: the adapter plus its rope setting and a loading snippet.
+gguf: a merged model as one GGUF file with llama.cpp's LLaMA tensor layout and linear rope scaling.
+The `gguf` package writes the file and names the tensors; what is ours is the Q/K permutation
+llama.cpp expects and the metadata. Tensors are written one at a time (two passes: the header
+needs every tensor's size first), so memory stays at one tensor.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,8 @@ from pathlib import Path
 from . import model, run
 from .errors import PiLoraError
 
-FORMATS = ("peft",)
+FORMATS = ("peft", "gguf")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")
 
 SNIPPET = '''```python
 from peft import PeftModel
@@ -51,3 +59,187 @@ def export_peft(run_dir: Path, output: Path, overwrite: bool = False) -> Path:
             f"the base config before attaching the adapter:\n\n{snippet}"
         )
     return output
+
+
+def permute_qk(weight, n_head: int):
+    """HF's rotate-half layout to the interleaved rotary layout llama.cpp uses (as its converter does)."""
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_kind(shape, outtype: str):
+    """The ggml type a tensor is stored as: norms stay f32, as llama.cpp's converter keeps them."""
+    from gguf import GGMLQuantizationType as Q
+
+    if len(shape) == 1 or outtype == "f32":
+        return Q.F32
+    if outtype == "q8_0" and shape[-1] % 32:
+        return Q.F16  # q8_0 needs rows in blocks of 32
+    return {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[outtype]
+
+
+def gguf_info(shape, outtype: str):
+    """(numpy dtype, shape as stored, byte count, ggml type), known before any data is converted."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quant_shape_to_byte_shape
+
+    kind = gguf_kind(shape, outtype)
+    if kind in (Q.F32, Q.F16):
+        dtype = np.float32 if kind == Q.F32 else np.float16
+        return dtype, shape, int(np.prod(shape)) * np.dtype(dtype).itemsize, kind
+    stored = quant_shape_to_byte_shape(shape, kind)  # the writer takes quantized shapes in bytes
+    return np.uint8, stored, int(np.prod(stored)), kind
+
+
+def gguf_tensor(name: str, tensor, config: dict, outtype: str):
+    """One HF tensor as GGUF data: Q/K permuted, converted or quantized."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    data = tensor.float().numpy()
+    if name.endswith("q_proj.weight"):
+        data = permute_qk(data, config["num_attention_heads"])
+    elif name.endswith("k_proj.weight"):
+        data = permute_qk(data, config.get("num_key_value_heads") or config["num_attention_heads"])
+    kind = gguf_kind(data.shape, outtype)
+    if kind in (Q.F32, Q.F16):
+        return data.astype(np.float32 if kind == Q.F32 else np.float16)
+    return quantize(data, kind)
+
+
+def add_metadata(writer, config: dict, meta: dict, outtype: str) -> None:
+    from gguf import LlamaFileType, RopeScalingType
+
+    heads = config["num_attention_heads"]
+    writer.add_name(f"{Path(meta['base']).name}-{meta['target_len']}")
+    writer.add_context_length(meta["target_len"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    writer.add_rope_freq_base(meta["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(meta["factor"])
+    writer.add_rope_scaling_orig_ctx_len(meta["original_len"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type({"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
+                          "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[outtype])
+
+
+def add_vocab(writer, folder: Path) -> None:
+    """Tokenizer metadata through the gguf package's own readers of HF tokenizer files."""
+    from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
+
+    vocab = None
+    for kind in (BpeVocab, LlamaHfVocab):
+        try:
+            vocab = kind(folder)
+            break
+        except (FileNotFoundError, ValueError, ImportError, TypeError):
+            continue
+    if vocab is None:
+        raise PiLoraError(f"cannot read the tokenizer in '{folder}' for GGUF (need a BPE tokenizer.json).")
+    tokens, scores, types = zip(*vocab.all_tokens())
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(list(tokens))
+    writer.add_token_scores(list(scores))
+    writer.add_token_types(list(types))
+    SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2").add_to_gguf(writer, quiet=True)
+
+
+def write_gguf(merged: Path, output: Path, meta: dict, outtype: str, progress=None) -> None:
+    from gguf import MODEL_ARCH, GGUFWriter, TensorNameMap
+    from safetensors import safe_open
+
+    from .merge import read_tensor
+
+    config = json.loads((merged / "config.json").read_text())
+    if config.get("model_type") not in ("llama", "mistral"):
+        raise PiLoraError(f"GGUF export supports the LLaMA layout, not model_type '{config.get('model_type')}'.")
+    names = TensorNameMap(MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    entries = []
+    for file in sorted(merged.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                if target is None:
+                    raise PiLoraError(f"no GGUF name for tensor '{key}'")
+                entries.append((file, key, target, tuple(f.get_slice(key).get_shape())))
+    writer = GGUFWriter(output, "llama")
+    add_metadata(writer, config, meta, outtype)
+    add_vocab(writer, merged)
+    for file, key, target, shape in entries:  # the header, with every tensor's size, precedes the data
+        dtype, stored, nbytes, kind = gguf_info(shape, outtype)
+        writer.add_tensor_info(target, stored, dtype, nbytes, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    task = progress.add_task("writing gguf", total=len(entries)) if progress else None
+    for file, key, _, _ in entries:
+        writer.write_tensor_data(gguf_tensor(key, read_tensor(file, key), config, outtype))
+        if progress:
+            progress.advance(task)
+    writer.close()
+
+
+def read_gguf(path: Path):
+    """A GGUF file back through transformers' own GGUF reader (the oracle), with its rope scaling.
+
+    transformers' reader ignores LLaMA's rope.scaling keys, so they are read here and applied.
+    """
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    reader = GGUFReader(path)
+    fields = {name: field.contents() for name, field in reader.fields.items() if name.startswith("llama.rope")}
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if "llama.rope.scaling.factor" in fields:
+        config.rope_parameters = {"rope_type": "linear", "factor": float(fields["llama.rope.scaling.factor"]),
+                                  "rope_theta": float(fields["llama.rope.freq_base"])}
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
+
+
+def export_gguf(run_dir: Path, output: Path, outtype: str = "f16", overwrite: bool = False, check: bool = True,
+                progress=None) -> float | None:
+    """Merge (streamed, into a temporary folder), write the GGUF, and check its logits round trip."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .merge import merge
+
+    if outtype not in GGUF_TYPES:
+        raise PiLoraError(f"--outtype must be one of {', '.join(GGUF_TYPES)}, not '{outtype}'.")
+    meta = run.read_meta(run_dir)
+    if output.exists() and not overwrite:
+        raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".gguf-merge-") as scratch:
+        merged = Path(scratch) / "merged"
+        merge(run_dir, merged, check=False, progress=progress)
+        tmp = output.with_name(f".{output.stem}.tmp.gguf")  # readers go by the suffix
+        try:
+            write_gguf(merged, tmp, meta, outtype, progress)
+            err = None
+            if check:
+                vocab = json.loads((merged / "config.json").read_text())["vocab_size"]
+                length = min(meta["target_len"], meta["original_len"] + 64)
+                ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+                with torch.no_grad():
+                    want = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(input_ids=ids).logits
+                    got = read_gguf(tmp).eval()(input_ids=ids).logits
+                err = ((got - want).abs().max() / want.abs().max()).item()
+                limit = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2}[outtype]
+                if err > limit:
+                    raise PiLoraError(f"GGUF round trip failed: logits differ by {err:.2e} (relative), limit {limit}.")
+            tmp.replace(output)
+            return err
+        finally:
+            tmp.unlink(missing_ok=True)
