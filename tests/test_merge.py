@@ -168,7 +168,7 @@ def test_peft_export_loads_with_the_snippet_and_matches_merged(trained, tiny_bas
     assert RUNNER.invoke(app, ["export", str(trained), "--output", str(out)]).exit_code == 2
 
 
-@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
 def test_gguf_export_round_trips_through_transformers(trained, tmp_path, outtype):
     from gguf import GGUFReader
 
@@ -202,3 +202,30 @@ def test_gguf_export_without_permutation_would_fail(trained, tmp_path, monkeypat
     with pytest.raises(PiLoraError, match="round trip failed"):
         export.export_gguf(trained, tmp_path / "bad.gguf", "f32")
     assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_dequantized_merge_weights_equal_the_nf4_training_weights_after_an_eval_forward(trained, tmp_path):
+    """Oracle: bitsandbytes' dequantization of the loaded NF4 base (after an eval forward, the known trap)."""
+    import bitsandbytes as bnb
+    from safetensors import safe_open
+
+    from pi_lora import model
+    from pi_lora.recipe import ModelSection
+
+    meta = run.read_meta(trained)
+    config = AutoConfig.from_pretrained(meta["base_path"])
+    config.rope_parameters = meta["rope_parameters"]
+    nf4 = model.load_base(ModelSection(base=meta["base_path"], quant="nf4"), config, torch.device("cpu"))
+    nf4.eval()
+    with torch.no_grad():
+        nf4(input_ids=torch.randint(0, 500, (1, 32)))
+    out = tmp_path / "deq"
+    merge_mod.merge(trained, out, into="dequantized", check=False)
+    adapter = merge_mod.read_adapter(trained / "adapter")
+    name = "model.layers.1.self_attn.v_proj.weight"
+    layer = nf4.model.layers[1].self_attn.v_proj
+    want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    want = want + adapter.delta(name, want.shape)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        got = f.get_tensor(name)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
