@@ -203,6 +203,43 @@ def export(
     console.print(f"[green]exported[/] {outtype} GGUF to {out}")
 
 
+@app.command("eval")
+@handled
+def eval_(
+    models_: list[str] = typer.Argument(..., metavar="MODEL...", help="Run folders, merged or plain model folders, hub ids/aliases, or .gguf files."),
+    lengths: Optional[str] = typer.Option(None, help="Comma-separated lengths [default: powers of two from 2048 up to the model's length]."),
+    stride: int = typer.Option(256, help="Sliding-window stride (the paper's 256)."),
+    windows: int = typer.Option(8, help="Sliding windows per length."),
+    data: str = typer.Option("emozilla/pg19", help="Hub dataset id or local file/folder, as in train."),
+    split: str = typer.Option("test", help="Split of a hub dataset."),
+    text_field: str = typer.Option("text", help="Field holding the text."),
+    rope: Optional[str] = typer.Option(None, help="none (plain RoPE) or linear:S, applied to every model; default: each model's own."),
+    passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Also measure passkey retrieval."),
+    trials: int = typer.Option(5, help="Passkey trials per position."),
+    depths: int = typer.Option(8, help="Passkey positions across the window."),
+    quick: bool = typer.Option(False, "--quick", help="A short run: 2 windows, 2 trials, 4 positions."),
+    output: Path = typer.Option(Path("eval"), "--output", "-o", help="Folder for results.json and plot.png."),
+):
+    """Perplexity by length (sliding window) and passkey retrieval, for one or several models side by side."""
+    from . import evaluate as ev
+    from . import train as train_mod
+    from .recipe import DataSection
+
+    try:
+        parsed = [int(x) for x in lengths.split(",")] if lengths else None
+    except ValueError:
+        raise PiLoraError(f"--lengths must be comma-separated integers, not '{lengths}'.") from None
+    if parsed is not None and min(parsed) < 2 or min(stride, windows, trials, depths) < 1:
+        raise PiLoraError("lengths must be at least 2, and stride, windows, trials and depths at least 1.")
+    settings = ev.Settings(parsed, stride, 2 if quick else windows, 2 if quick else trials, 4 if quick else depths,
+                           passkey, rope)
+    section = DataSection(source=data, split=split, text_field=text_field)
+    with train_mod.progress_bar(console) as bar:
+        results = ev.evaluate(models_, settings, section, output, bar)
+    console.print(ev.tables(results))
+    console.print(f"[green]results[/] in {output / 'results.json'}, plot in {output / 'plot.png'}")
+
+
 @app.command()
 def models():
     """List the base-model aliases and the hub ids they stand for."""

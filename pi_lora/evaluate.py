@@ -118,18 +118,25 @@ def token_nll(net, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
 
 
 def sliding_perplexity(net, tokens: torch.Tensor, length: int, stride: int = 256) -> tuple[float, int]:
-    """Perplexity over `tokens` with windows of `length` moved by `stride`; each token scored once,
-    in the first window that predicts it (the standard sliding-window evaluation)."""
+    """Perplexity over `tokens` with windows of `length` whose ends advance by `stride`.
+
+    Each token is scored once, in the first window that ends at or after it, so after the first
+    window every token sees at least length - stride tokens of context. The last window ends at the
+    end of the data and is still full length (no short, context-poor window at the edge). A stride of
+    `length` or more is taken as length - 1: windows must overlap by one token for each to be scored.
+    """
+    device = next(net.parameters()).device
+    stride = min(stride, length - 1)
     total, count, scored_to = 0.0, 0, 1  # tokens[0] has no prediction
-    begin = 0
+    end = min(length, len(tokens))
     while scored_to < len(tokens):
-        end = min(begin + length, len(tokens))
-        nll = token_nll(net, tokens[begin:end].to(next(net.parameters()).device))
+        begin = max(0, end - length)
+        nll = token_nll(net, tokens[begin:end].to(device))
         new = nll[scored_to - begin - 1 :]  # nll[j] predicts token begin + j + 1
         total += new.double().sum().item()
         count += len(new)
         scored_to = end
-        begin += stride
+        end = min(end + stride, len(tokens))
     return math.exp(total / count), count
 
 
@@ -313,3 +320,24 @@ def evaluate(specs: list[str], s: Settings, section, output: Path, progress=None
     save_json(output / "results.json", {"settings": s.__dict__, "data": section.model_dump(), "results": results})
     plot(output / "plot.png", results)
     return results
+
+
+def tables(results: dict):
+    """Perplexity by length and passkey k_max, one row per model."""
+    from rich.console import Group
+    from rich.table import Table
+
+    lengths = sorted({int(n) for r in results.values() for n in r["perplexity"]})
+    ppl = Table("model", *[f"{n:,}" for n in lengths], title="perplexity by length", title_justify="left")
+    for label, r in results.items():
+        ppl.add_row(label, *[f"{r['perplexity'][str(n)]:.2f}" if str(n) in r["perplexity"] else "-" for n in lengths])
+    parts_ = [ppl]
+    if any("passkey" in r for r in results.values()):
+        keys = Table("model", "length", "k_max", "accuracy by position", title="passkey retrieval", title_justify="left")
+        for label, r in results.items():
+            p = r.get("passkey")
+            if p:
+                acc = " ".join(f"{k}:{v:.0%}" for k, v in p["accuracy"].items())
+                keys.add_row(label, f"{p['length']:,}", f"{p['k_max']:,}", acc)
+        parts_.append(keys)
+    return Group(*parts_)
