@@ -209,7 +209,7 @@ def eval_(
     models_: list[str] = typer.Argument(..., metavar="MODEL...", help="Run folders, merged or plain model folders, hub ids/aliases, or .gguf files."),
     lengths: Optional[str] = typer.Option(None, help="Comma-separated lengths [default: powers of two from 2048 up to the model's length]."),
     stride: int = typer.Option(256, help="Sliding-window stride (the paper's 256)."),
-    windows: int = typer.Option(8, help="Sliding windows per length."),
+    windows: int = typer.Option(8, help="Sliding windows at the longest length; every length is scored on the same tokens."),
     data: str = typer.Option("emozilla/pg19", help="Hub dataset id or local file/folder, as in train."),
     split: str = typer.Option("test", help="Split of a hub dataset."),
     text_field: str = typer.Option("text", help="Field holding the text."),
@@ -300,6 +300,10 @@ def quiet() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
 
 
 def main():

@@ -179,8 +179,10 @@ def passkey_found(generated: str, key: str) -> bool:
 
 
 @torch.no_grad()
-def passkey_accuracy(net, tokenizer, length: int, depths: list[int], trials: int, seed: int = 0) -> dict[int, float]:
+def passkey_accuracy(net, tokenizer, length: int, depths: list[int], trials: int, seed: int = 0,
+                     progress=None) -> dict[int, float]:
     rng = random.Random(seed)
+    task = progress.add_task("passkey", total=len(depths) * trials) if progress else None
     device = next(net.parameters()).device
     result = {}
     for depth in depths:
@@ -192,6 +194,8 @@ def passkey_accuracy(net, tokenizer, length: int, depths: list[int], trials: int
             out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                do_sample=False, pad_token_id=tokenizer.eos_token_id)
             hits += passkey_found(tokenizer.decode(out[0, len(prompt):]), answer)
+            if progress:
+                progress.advance(task)
         result[depth] = hits / trials
     return result
 
@@ -265,7 +269,8 @@ def plot(path: Path, results: dict) -> None:
     right.set(xlabel="passkey position (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05), title="Passkey retrieval")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -275,7 +280,7 @@ def plot(path: Path, results: dict) -> None:
 class Settings:
     lengths: list[int] | None  # None: powers of two up to each model's length
     stride: int = 256
-    windows: int = 8  # sliding windows per length: tokens = length + stride * (windows - 1)
+    windows: int = 8  # windows at the longest length: tokens = longest + stride * (windows - 1)
     trials: int = 5
     depths: int = 8
     passkey: bool = True
@@ -289,7 +294,8 @@ def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
     task = progress.add_task(f"perplexity {subject.label}", total=len(lengths)) if progress else None
     ppl = {}
     for n in lengths:
-        ppl[str(n)], _ = sliding_perplexity(subject.net, tokens[: n + s.stride * (s.windows - 1)], n, s.stride)
+        # the same tokens at every length, as the paper compares lengths on the same documents
+        ppl[str(n)], _ = sliding_perplexity(subject.net, tokens, n, s.stride)
         if progress:
             progress.advance(task)
     bins = max(1, longest // 2048) if longest >= 4096 else 4
@@ -303,7 +309,7 @@ def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
     }
     if s.passkey:
         depths = depths_for(longest, s.depths)
-        accuracy = passkey_accuracy(subject.net, subject.tokenizer, longest, depths, s.trials)
+        accuracy = passkey_accuracy(subject.net, subject.tokenizer, longest, depths, s.trials, progress=progress)
         result["passkey"] = {"length": longest, "trials": s.trials, "accuracy": {str(k): v for k, v in accuracy.items()},
                              "k_max": effective_window(accuracy)}
     return result
