@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import model, rope, run
+from .loss import parts
 from .errors import PiLoraError
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -96,12 +97,6 @@ def load_subject(spec: str, rope_text: str | None = None, on: torch.device | Non
         net = PeftModel.from_pretrained(net, adapter)
     label = f"{spec} (rope {rope_text})" if rope_text else spec
     return Subject(label, net.eval(), AutoTokenizer.from_pretrained(where), config.max_position_embeddings)
-
-
-def parts(net):
-    """The decoder stack and the LM head of a (possibly peft-wrapped) causal LM."""
-    inner = net.get_base_model() if hasattr(net, "get_base_model") else net
-    return inner.model, inner.lm_head
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import __version__, data, model, quant, rope, run
+from . import __version__, data, loss, model, quant, rope, run
 from .errors import OutOfMemory, PiLoraError
 from .recipe import Recipe, dump
 
@@ -180,16 +180,19 @@ def autocast(on: torch.device, dtype: torch.dtype):
     return torch.autocast(on.type, dtype=dtype)
 
 
-def step_loss(net, batches, grad_accum: int, on: torch.device, dtype: torch.dtype) -> float:
+def step_loss(net, batches, t, on: torch.device, dtype: torch.dtype) -> float:
     """One optimizer step's worth of forward/backward; returns the mean loss."""
     total = 0.0
-    for _ in range(grad_accum):
+    for _ in range(t.grad_accum):
         ids = next(batches).to(on)
+        if t.loss_chunk:
+            total += loss.backward(net, ids, 1 / t.grad_accum, t.loss_chunk, lambda: autocast(on, dtype))
+            continue
         with autocast(on, dtype):
-            loss = net(input_ids=ids, labels=ids).loss
-        (loss / grad_accum).backward()
-        total += loss.item()
-    return total / grad_accum
+            value = net(input_ids=ids, labels=ids).loss
+        (value / t.grad_accum).backward()
+        total += value.item()
+    return total / t.grad_accum
 
 
 class Interrupted(PiLoraError):
@@ -264,9 +267,9 @@ def _loop(p: Plan, console: Console, checkpoint: Path | None) -> Path:
             for step in range(start + 1, t.steps + 1):
                 began = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                loss = step_loss(net, batches, t.grad_accum, on, dtype)
-                if not math.isfinite(loss):
-                    raise PiLoraError(f"loss became {loss} at step {step}; lower train.lr or check the data.")
+                value = step_loss(net, batches, t, on, dtype)
+                if not math.isfinite(value):
+                    raise PiLoraError(f"loss became {value} at step {step}; lower train.lr or check the data.")
                 norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
                 lr = sched.get_last_lr()[0]
                 updating = True  # weights, optimizer, scheduler and RNG move together
@@ -275,13 +278,13 @@ def _loop(p: Plan, console: Console, checkpoint: Path | None) -> Path:
                 rng, done, updating = rng_state(), step, False
                 seconds = time.perf_counter() - began
                 record = {
-                    "step": step, "loss": loss, "lr": lr, "grad_norm": float(norm),
+                    "step": step, "loss": value, "lr": lr, "grad_norm": float(norm),
                     "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
                     "mem_gb": round(memory_gb(on), 3), "seconds": seconds,
                 }
                 if step % t.log_every == 0 or step == t.steps:
                     run.append_metrics(folder, record)
-                    info = (f"loss {loss:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
+                    info = (f"loss {value:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
                             f"mem {record['mem_gb']:.2f} GB")
                     bar.update(task, info=info)
                     if not console.is_terminal:
