@@ -18,11 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import model, rope, run
+from . import model, quant, rope, run
 from .errors import PiLoraError
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX = "base_model.model."
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
           "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
@@ -83,31 +82,55 @@ def base_files(base: str, revision: str | None = None) -> Path:
                                                                                      "tokenizer*", "*.jinja"]))
         except Exception as e:  # hub errors have many types; all mean "not reachable here"
             raise PiLoraError(f"cannot get the base '{base}': {model.first_line(e)}") from e
-    if not list(folder.glob("*.safetensors")):
+    if not weight_files(folder):
         raise PiLoraError(f"base '{base}' has no .safetensors weights in {folder}; merge needs safetensors.")
     return folder
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The model's safetensors shards as its index names them (repos may ship other .safetensors too)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+
+
 def dequantized(weight: torch.Tensor, meta: dict) -> torch.Tensor:
-    """dequant(quant(W)): the weights training actually saw through bitsandbytes."""
+    """dequant(quant(W)): the weights training actually saw through bitsandbytes.
+
+    Quantized from the dtype training loaded the weights in (bf16 on a GPU), dequantized in fp32 as
+    bitsandbytes' own matmul does, not rounded to 16 bits again.
+    """
     import bitsandbytes.functional as bnbf
 
-    dtype = DTYPES.get(meta.get("compute_dtype", "fp32"), torch.float32)
+    dtype = getattr(torch, meta.get("compute_dtype", "float32"))
     packed, state = bnbf.quantize_4bit(
         weight.to(dtype), quant_type=meta["quant"], compress_statistics=meta.get("double_quant", True)
     )
-    return bnbf.dequantize_4bit(packed, state).float()
+    state.dtype = torch.float32
+    return bnbf.dequantize_4bit(packed, state)
+
+
+def quantized_in_training(name: str, weight: torch.Tensor) -> bool:
+    """Whether bitsandbytes stored this weight in 4 bits: every linear layer's but the LM head's."""
+    return weight.ndim == 2 and "embed" not in name and not name.startswith("lm_head")
 
 
 def merged(name: str, weight: torch.Tensor, adapter: Adapter, dtype, meta: dict, into: str) -> torch.Tensor:
     out_dtype = dtype or weight.dtype
     if name in adapter.replaced:
         return adapter.replaced[name].to(out_dtype)
+    if not weight.is_floating_point():
+        return weight
     delta = adapter.delta(name, weight.shape)
-    if delta is None:
-        return weight.to(out_dtype) if weight.is_floating_point() else weight
-    base = dequantized(weight, meta) if into == "dequantized" else weight.float()
-    return (base + delta).to(out_dtype)
+    if into == "dequantized" and quantized_in_training(name, weight):
+        base = dequantized(weight, meta)
+    elif delta is None:
+        return weight.to(out_dtype)
+    else:
+        base = weight.float()
+    return (base if delta is None else base + delta).to(out_dtype)
 
 
 def read_tensor(file: Path, key: str) -> torch.Tensor:
@@ -120,8 +143,7 @@ def read_tensor(file: Path, key: str) -> torch.Tensor:
 def write_shards(source: Path, out: Path, adapter: Adapter, dtype, meta: dict, into: str,
                  shard_bytes: int, progress=None) -> dict[str, str]:
     """Merged tensors written as `model-XXXXX.safetensors` shards; returns the weight map."""
-    files = sorted(source.glob("*.safetensors"))
-    names = [(f, k) for f in files for k in safe_open(f, "pt").keys()]
+    names = [(f, k) for f in weight_files(source) for k in safe_open(f, "pt").keys()]
     task = progress.add_task("merging", total=len(names)) if progress else None
     pending, size, shards, weight_map = {}, 0, [], {}
     used = set()
@@ -144,6 +166,9 @@ def write_shards(source: Path, out: Path, adapter: Adapter, dtype, meta: dict, i
             progress.advance(task)
     flush()
     unused = (set(adapter.factors) | set(adapter.replaced)) - used
+    if unused == {"lm_head.weight"} and torch.equal(adapter.replaced["lm_head.weight"],
+                                                     adapter.replaced.get("model.embed_tokens.weight", torch.empty(0))):
+        unused = set()  # a tied base: peft saved the trained embedding twice, the base stores it once
     if unused:
         raise PiLoraError(f"the base does not match the adapter: no base weight for {sorted(unused)[:3]}")
     return rename_shards(out, shards, weight_map)
@@ -197,10 +222,17 @@ def reference(source: Path, adapter_dir: Path, meta: dict, into: str):
 
     config = AutoConfig.from_pretrained(source)
     config.rope_parameters = {**meta["rope_parameters"]}
-    quant = meta["quant"] if into == "dequantized" else "none"
-    section = ModelSection(base=str(source), quant=quant, double_quant=meta.get("double_quant", True),
+    kind = meta["quant"] if into == "dequantized" else "none"
+    section = ModelSection(base=str(source), quant=kind, double_quant=meta.get("double_quant", True),
                            compute_dtype="fp32")
+    if into == "dequantized":  # quantize from the dtype training loaded the weights in, compute in fp32
+        section.compute_dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(meta.get("compute_dtype"), "fp32")
     base = model.load_base(section, config, torch.device("cpu"))
+    for layer in quant.linear4bit_layers(base):
+        layer.compute_dtype = torch.float32
+    for t in [*base.parameters(), *base.buffers()]:  # what bitsandbytes did not quantize, in fp32
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t.data = t.data.float()
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
@@ -208,23 +240,32 @@ def fits_twice(source: Path) -> bool:
     """Whether two fp32 copies of the model fit in the memory that is free now."""
     import psutil
 
-    params = sum(f.stat().st_size for f in source.glob("*.safetensors")) / 2  # assume 16-bit storage
+    params = sum(f.stat().st_size for f in weight_files(source)) / 2  # assume 16-bit storage
     return 2 * 4 * params < 0.7 * psutil.virtual_memory().available
 
 
-def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str, tolerance: float = 1e-4) -> float:
+def logits_error(want_model, got_model, meta: dict) -> float:
+    """Max relative logit difference on a random sequence running past the original length."""
+    length = min(meta["target_len"], meta["original_len"] + 64)
+    vocab = got_model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = want_model(input_ids=ids).logits.float()
+        got = got_model(input_ids=ids).logits.float()
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+# Storing W + dW in 16 bits rounds it; the tolerance is that rounding's effect, not slack for bugs.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str) -> float:
     """Logits of the merged model against base + adapter, fp32 on CPU, past the original length."""
     from transformers import AutoModelForCausalLM
 
-    want_model = reference(source, adapter_dir, meta, into)
-    merged_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    length = min(meta["target_len"], meta["original_len"] + 64)
-    vocab = merged_model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = want_model(input_ids=ids).logits
-        got = merged_model(input_ids=ids).logits
-    err = ((got - want).abs().max() / want.abs().max()).item()
+    merged_model = AutoModelForCausalLM.from_pretrained(out)
+    tolerance = max(TOLERANCE.get(p.dtype, 1e-2) for p in merged_model.parameters())
+    err = logits_error(reference(source, adapter_dir, meta, into), merged_model.float().eval(), meta)
     if err > tolerance:
         raise PiLoraError(f"verification failed: merged logits differ from base + adapter by {err:.2e} (relative).")
     return err
@@ -235,12 +276,15 @@ def merge(run_dir: Path, output: Path, base: str | None = None, dtype: str | Non
           progress=None) -> float | None:
     """Merge the run's adapter into the base; returns the verification error (None when skipped)."""
     meta = run.read_meta(run_dir)
+    if into == "dequantized" and meta.get("quant") not in ("nf4", "fp4"):
+        raise PiLoraError(f"--merge-base dequantized needs a run trained on a 4-bit base; this one used "
+                          f"quant '{meta.get('quant')}'. Use --merge-base full.")
     adapter_dir = run_dir / run.ADAPTER
     adapter = read_adapter(adapter_dir)
     if output.exists() and not overwrite:
         raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
     source = base_files(base or meta.get("base_path") or meta["base"], meta.get("revision"))
-    need = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    need = sum(f.stat().st_size for f in weight_files(source))
     if dtype is not None:
         need = need * 4 // 2  # at most fp32 from a 16-bit base
     output.parent.mkdir(parents=True, exist_ok=True)

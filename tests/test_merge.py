@@ -229,3 +229,50 @@ def test_dequantized_merge_weights_equal_the_nf4_training_weights_after_an_eval_
     with safe_open(out / "model.safetensors", "pt") as f:
         got = f.get_tensor(name)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_dequantized_merge_with_default_targets_and_bf16_training(tiny_base, corpus, tmp_path):
+    """q/k/v/o only (the MLP is NF4 in training too), and a bf16 base quantized from bf16 as on a GPU."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(base)
+    out = tmp_path / "qkvo"
+    result = RUNNER.invoke(app, ["train", "--base", str(base), "--target-len", "256", "--data", str(corpus),
+                                 "--output", str(out), "--steps", "2", "--grad-accum", "1", "--lr", "1e-2",
+                                 "--set", "train.warmup_steps=0"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    # merged weights are stored in bf16 like the base: the check allows for that rounding only
+    assert merge_mod.merge(out, tmp_path / "m1", into="dequantized") < 1e-2
+    assert merge_mod.merge(out, tmp_path / "m1-fp32", into="dequantized", dtype="fp32") < 1e-4
+    meta = run.read_meta(out)
+    run.write_json(out / run.META, {**meta, "compute_dtype": "bfloat16"})
+    assert merge_mod.merge(out, tmp_path / "m2", into="dequantized", dtype="fp32") < 1e-4
+
+
+def test_tied_base_with_trained_embeddings_merges(corpus, tmp_path):
+    from pi_lora.demo import build_tiny_llama
+
+    base = build_tiny_llama(tmp_path / "tied", tie_word_embeddings=True, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64)
+    out = tmp_path / "run"
+    result = RUNNER.invoke(app, ["train", "--base", str(base), "--target-len", "128", "--data", str(corpus),
+                                 "--output", str(out), "--steps", "2", "--grad-accum", "1", "--lr", "1e-2",
+                                 "--set", "lora.trainable=[embed, norm]"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert merge_mod.merge(out, tmp_path / "merged") < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    trained_embed = peft_reference(base, out).merge_and_unload().model.embed_tokens.weight
+    torch.testing.assert_close(merged.model.embed_tokens.weight, trained_embed)
+
+
+def test_dequantized_needs_a_4bit_run(trained, tmp_path):
+    meta = run.read_meta(trained)
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    run.write_json(copy / run.META, {**meta, "quant": "none"})
+    with pytest.raises(PiLoraError, match="needs a run trained on a 4-bit base"):
+        merge_mod.merge(copy, tmp_path / "o", into="dequantized")
