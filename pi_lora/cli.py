@@ -72,6 +72,8 @@ def check_resume_changes(saved_tree: dict, resolved) -> None:
     saved = recipes_mod.leaves(recipes_mod.validate(saved_tree).model_dump(mode="json"))
     now = recipes_mod.leaves(resolved.model_dump(mode="json"))
     changed = [k for k in now if now[k] != saved.get(k) and k not in RESUMABLE]
+    if resolved.train.schedule == "cosine" and now["train.steps"] != saved["train.steps"]:
+        changed.append("train.steps (the cosine schedule is laid out over it)")
     if changed:
         raise PiLoraError(
             f"a resumed run keeps its recipe; these differ from the saved one: {', '.join(changed)}. "
@@ -126,9 +128,10 @@ def train(
         run.claim(Path(folder), resume, overwrite)
         tree, source = recipes_mod.read(Path(folder) / run.RECIPE), str(Path(folder) / run.RECIPE)
     resolved, overrides = recipes_mod.resolve(tree, set_, flags, source=source)
-    run.claim(Path(resolved.output), resume, overwrite)
     if resume:
         check_resume_changes(tree, resolved)
+    else:
+        run.claim(Path(resolved.output), resume, overwrite)
     print_overrides(overrides)
     print_recipe(resolved)
     with train_mod.progress_bar(console) as bar:
@@ -211,15 +214,15 @@ def eval_(
     models_: list[str] = typer.Argument(..., metavar="MODEL...", help="Run folders, merged or plain model folders, hub ids/aliases, or .gguf files."),
     lengths: Optional[str] = typer.Option(None, help="Comma-separated lengths [default: powers of two from 2048 up to the model's length]."),
     stride: int = typer.Option(256, help="Sliding-window stride (the paper's 256)."),
-    windows: int = typer.Option(8, help="Sliding windows at the longest length; every length is scored on the same tokens."),
+    windows: Optional[int] = typer.Option(None, help="Sliding windows at the longest length; every length is scored on the same tokens [default: 8, quick 2]."),
     data: str = typer.Option("emozilla/pg19", help="Hub dataset id or local file/folder, as in train."),
     split: str = typer.Option("test", help="Split of a hub dataset."),
     text_field: str = typer.Option("text", help="Field holding the text."),
     rope: Optional[str] = typer.Option(None, help="none (plain RoPE) or linear:S, applied to every model; default: each model's own."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Also measure passkey retrieval."),
-    trials: int = typer.Option(5, help="Passkey trials per position."),
-    depths: int = typer.Option(8, help="Passkey positions across the window."),
-    quick: bool = typer.Option(False, "--quick", help="A short run: 2 windows, 2 trials, 4 positions."),
+    trials: Optional[int] = typer.Option(None, help="Passkey trials per position [default: 5, quick 2]."),
+    depths: Optional[int] = typer.Option(None, help="Passkey positions across the window [default: 8, quick 4]."),
+    quick: bool = typer.Option(False, "--quick", help="A short run: fewer windows, trials and positions (explicit options win)."),
     output: Path = typer.Option(Path("eval"), "--output", "-o", help="Folder for results.json and plot.png."),
 ):
     """Perplexity by length (sliding window) and passkey retrieval, for one or several models side by side."""
@@ -231,10 +234,12 @@ def eval_(
         parsed = [int(x) for x in lengths.split(",")] if lengths else None
     except ValueError:
         raise PiLoraError(f"--lengths must be comma-separated integers, not '{lengths}'.") from None
+    windows = windows or (2 if quick else 8)
+    trials = trials or (2 if quick else 5)
+    depths = depths or (4 if quick else 8)
     if parsed is not None and min(parsed) < 2 or min(stride, windows, trials, depths) < 1:
         raise PiLoraError("lengths must be at least 2, and stride, windows, trials and depths at least 1.")
-    settings = ev.Settings(parsed, stride, 2 if quick else windows, 2 if quick else trials, 4 if quick else depths,
-                           passkey, rope)
+    settings = ev.Settings(parsed, stride, windows, trials, depths, passkey, rope)
     section = DataSection(source=data, split=split, text_field=text_field)
     with train_mod.progress_bar(console) as bar:
         results = ev.evaluate(models_, settings, section, output, bar)

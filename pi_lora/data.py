@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import PiLoraError
+from .errors import PiLoraError, first_line
 
 READERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -64,9 +64,9 @@ def open_dataset(section, files: list[Path] | None, streaming: bool):
         return datasets.load_dataset(
             reader, data_files=[str(f) for f in files], split="train", streaming=streaming, **extra
         )
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PiLoraError(f"cannot read data '{section.source}': {msg}") from e
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+        cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
+        raise PiLoraError(f"cannot read data '{section.source}': {first_line(cause)}") from e
 
 
 def texts(dataset, field: str) -> Iterator[str]:
@@ -194,18 +194,31 @@ class PackedData:
 
 
 class StreamedData:
-    """Sequences packed on the fly from a streamed dataset; resuming skips what was consumed."""
+    """Sequences packed on the fly from a streamed dataset; resuming skips what was consumed.
 
-    def __init__(self, dataset, tokenizer, field: str, length: int):
+    With shuffling, documents go through a seeded shuffle buffer reseeded each epoch, so the
+    order is random yet the same on every pass, which keeps skip-to-resume exact.
+    """
+
+    SHUFFLE_BUFFER = 1000  # documents
+
+    def __init__(self, dataset, tokenizer, field: str, length: int, seed: int | None = None):
+        if seed is not None:
+            dataset = dataset.shuffle(seed=seed, buffer_size=self.SHUFFLE_BUFFER)
         self.dataset, self.tokenizer, self.field, self.length = dataset, tokenizer, field, length
         self.count = None
+        next(self.sequences())  # fail now, not after the model has loaded: wrong field, too little data
 
     def describe(self) -> str:
         return f"streamed, packed into sequences of {self.length} tokens"
 
     def sequences(self) -> Iterator[np.ndarray]:
         """Packed sequences, starting the stream over whenever it ends (epochs)."""
+        epoch = 0
         while True:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            epoch += 1
             found, produced = [0], 0
             docs = token_ids(texts(self.dataset, self.field), self.tokenizer)
             for seq in pack(_counting(docs, found), self.length):
@@ -228,7 +241,7 @@ def load(section, tokenizer, length: int, seed: int, cache_dir: Path, progress=N
     streaming = files is None if section.streaming == "auto" else section.streaming
     if streaming:
         dataset = open_dataset(section, files, streaming=True)
-        return StreamedData(dataset, tokenizer, section.text_field, length)
+        return StreamedData(dataset, tokenizer, section.text_field, length, seed if section.shuffle else None)
     if files is None:
         dataset = open_dataset(section, None, streaming=False)
         tokens = np.fromiter(

@@ -1,6 +1,11 @@
 """Errors a user can act on. The CLI prints their message and exits with their code."""
 
 
+def first_line(error: BaseException) -> str:
+    """A library error's first line: enough to act on, without its traceback."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class PiLoraError(Exception):
     """Bad input: a missing file, an impossible length, a model we cannot extend."""
 

@@ -19,7 +19,7 @@ import torch
 
 from . import model, rope, run
 from .loss import parts
-from .errors import PiLoraError
+from .errors import PiLoraError, first_line
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -74,18 +74,21 @@ def load_subject(spec: str, rope_text: str | None = None, on: torch.device | Non
     path = Path(spec)
     factor = parse_rope(rope_text)
     adapter = None
-    if (path / run.META).is_file() and (path / run.ADAPTER / "adapter_config.json").is_file():
+    is_run = (path / run.RECIPE).is_file() and (path / run.META).is_file()
+    if is_run and not (path / run.ADAPTER / "adapter_config.json").is_file():
+        raise PiLoraError(f"run '{spec}' has no adapter yet (unfinished); finish it with pi-lora train --resume.")
+    if is_run:
         meta = run.read_meta(path)
-        where, adapter = model.locate(meta.get("base_path") or meta["base"])[0], path / run.ADAPTER
+        where, adapter = model.locate(meta.get("base_path") or meta["base"]), path / run.ADAPTER
         config = AutoConfig.from_pretrained(where)
         config.rope_parameters = dict(meta["rope_parameters"])
         config.max_position_embeddings = meta["target_len"]
     else:
-        where = model.locate(spec)[0]
+        where = model.locate(spec)
         try:
             config = AutoConfig.from_pretrained(where)
         except (OSError, ValueError) as e:
-            raise PiLoraError(f"cannot load model '{spec}': {model.first_line(e)}") from e
+            raise PiLoraError(f"cannot load model '{spec}': {first_line(e)}") from e
     if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2", "qwen3"):
         raise PiLoraError(f"'{spec}' is model_type '{config.model_type}'; eval supports LLaMA-layout models.")
     if factor is not None:

@@ -41,7 +41,7 @@ def export_peft(run_dir: Path, output: Path, overwrite: bool = False) -> Path:
         raise PiLoraError(f"no adapter in '{run_dir}': the run has not finished (see its checkpoints/).")
     if output.exists() and not overwrite:
         raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
-    base = model.ALIASES.get(meta["base"], meta["base"])
+    base = meta.get("base_path") or model.ALIASES.get(meta["base"], meta["base"])  # loadable as written
     with run.atomic_dir(output) as tmp:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(adapter / name, tmp / name)

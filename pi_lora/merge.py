@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import model, quant, rope, run
-from .errors import PiLoraError
+from .errors import PiLoraError, first_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX = "base_model.model."
@@ -72,7 +72,7 @@ def read_adapter(folder: Path) -> Adapter:
 
 def base_files(base: str, revision: str | None = None) -> Path:
     """A local folder holding the base's safetensors (hub ids come from the local hub cache or the hub)."""
-    where, _ = model.locate(base)
+    where = model.locate(base)
     folder = Path(where)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
@@ -81,7 +81,7 @@ def base_files(base: str, revision: str | None = None) -> Path:
             folder = Path(snapshot_download(where, revision=revision, allow_patterns=["*.json", "*.safetensors",
                                                                                      "tokenizer*", "*.jinja"]))
         except Exception as e:  # hub errors have many types; all mean "not reachable here"
-            raise PiLoraError(f"cannot get the base '{base}': {model.first_line(e)}") from e
+            raise PiLoraError(f"cannot get the base '{base}': {first_line(e)}") from e
     if not weight_files(folder):
         raise PiLoraError(f"base '{base}' has no .safetensors weights in {folder}; merge needs safetensors.")
     return folder

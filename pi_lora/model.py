@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import quant
-from .errors import PiLoraError
+from .errors import PiLoraError, first_line
 
 # Short names for the public checkpoints people extend; `pi-lora models` lists them.
 ALIASES = {
@@ -22,7 +23,6 @@ ALIASES = {
     "llama2-70b": "meta-llama/Llama-2-70b-hf",
     "llama3-8b": "meta-llama/Meta-Llama-3-8B",
     "llama3-70b": "meta-llama/Meta-Llama-3-70B",
-    "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "tinyllama-1.1b": "TinyLlama/TinyLlama_v1.1",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
@@ -30,27 +30,27 @@ ALIASES = {
 DEMO = "demo"  # a tiny LLaMA built on this machine; see pi_lora.demo
 
 
-def locate(base: str) -> tuple[str, dict]:
-    """Where from_pretrained should look for `base`, and the extra keyword it needs (GGUF)."""
+def locate(base: str) -> str:
+    """Where from_pretrained should look for `base` (GGUF files are converted to a folder once)."""
     if base == DEMO:
         from .demo import demo_base
 
-        return str(demo_base()), {}
+        return str(demo_base())
     base = ALIASES.get(base, base)
     path = Path(base).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise PiLoraError(f"GGUF file '{base}' does not exist.")
-        return str(gguf_folder(path)), {}
+        return str(gguf_folder(path))
     if path.exists() and not path.is_dir():
         raise PiLoraError(f"base '{base}' is a file; give a model folder, a .gguf file, a hub id or an alias.")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise PiLoraError(f"model folder '{base}' has no config.json.")
-        return str(path), {}
+        return str(path)
     if base.startswith((".", "/", "~")) or base.count("/") > 1:
         raise PiLoraError(f"model folder '{base}' does not exist.")
-    return base, {}
+    return base
 
 
 def gguf_folder(gguf: Path, cache: Path | None = None) -> Path:
@@ -82,11 +82,9 @@ def gguf_folder(gguf: Path, cache: Path | None = None) -> Path:
 
 
 def load_config(base: str, revision: str | None = None, trust_remote_code: bool = False):
-    where, extra = locate(base)
+    where = locate(base)
     try:
-        return AutoConfig.from_pretrained(
-            where, revision=revision, trust_remote_code=trust_remote_code, **extra
-        )
+        return AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         aliases = ", ".join(ALIASES)
         raise PiLoraError(
@@ -96,17 +94,14 @@ def load_config(base: str, revision: str | None = None, trust_remote_code: bool 
 
 
 def load_tokenizer(base: str, revision: str | None = None, trust_remote_code: bool = False):
-    where, extra = locate(base)
-    tokenizer = AutoTokenizer.from_pretrained(
-        where, revision=revision, trust_remote_code=trust_remote_code, **extra
-    )
+    where = locate(base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise PiLoraError(f"cannot load the tokenizer of '{base}': {first_line(e)}") from e
     if tokenizer.eos_token_id is None:
         raise PiLoraError(f"the tokenizer of '{base}' has no end-of-sequence token to separate documents.")
     return tokenizer
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def device() -> torch.device:
@@ -132,11 +127,20 @@ def quantization(section, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     )
 
 
+@contextlib.contextmanager
+def _library_errors(base: str):
+    """Missing optional kernels (flash-attn) and unreadable weights are bad input, not crashes."""
+    try:
+        yield
+    except (ImportError, OSError, ValueError) as e:
+        raise PiLoraError(f"cannot load '{base}': {first_line(e)}") from e
+
+
 def load_base(section, config, on: torch.device, protect: bool = True):
     """The base model with PI already in `config`, quantized as the recipe says."""
-    where, extra = locate(section.base)
+    where = locate(section.base)
     dtype = compute_dtype(section.compute_dtype, on)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _library_errors(section.base):
         warnings.filterwarnings("ignore", message=".*rope_scaling.*")
         model = AutoModelForCausalLM.from_pretrained(
             where,
@@ -147,7 +151,6 @@ def load_base(section, config, on: torch.device, protect: bool = True):
             quantization_config=quantization(section, dtype),
             attn_implementation=section.attn_implementation,
             device_map={"": on.index or 0} if on.type == "cuda" else None,
-            **extra,
         )
     model.config.use_cache = False
     if protect:

@@ -34,7 +34,8 @@ class ModelSection(_Section):
     revision: str | None = None
     quant: Literal["nf4", "fp4", "int8", "none"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU. No fp16: it would need loss scaling, which training does not do.
+    compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False

@@ -27,12 +27,27 @@ RECIPE, META, ADAPTER, METRICS, CHECKPOINTS, STATE = (
 )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(path: Path) -> None:
+    """Give a temporary file or folder (0600/0700 from mkstemp/mkdtemp) the umask's usual modes, so a
+    merged model or adapter can be read by whoever serves it."""
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    publish(Path(tmp))
     os.replace(tmp, path)
 
 
@@ -47,6 +62,7 @@ def atomic_dir(final: Path):
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        publish(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -60,12 +76,14 @@ def atomic_dir(final: Path):
 
 
 def claim(folder: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to train into a non-empty folder unless told to resume or overwrite."""
+    """Refuse to train into a non-empty folder unless told to resume or to overwrite a run folder."""
     if resume and overwrite:
         raise PiLoraError("--resume and --overwrite contradict each other; give one.")
     if folder.exists() and not folder.is_dir():
         raise PiLoraError(f"output '{folder}' is a file, not a folder.")
     busy = folder.is_dir() and any(folder.iterdir())
+    if busy and overwrite and not ((folder / RECIPE).is_file() or (folder / META).is_file()):
+        raise PiLoraError(f"--overwrite replaces run folders only; '{folder}' holds other files.")
     if resume and not (folder / RECIPE).is_file():
         raise PiLoraError(f"nothing to resume: '{folder}' holds no {RECIPE}.")
     if busy and not (resume or overwrite):

@@ -74,7 +74,7 @@ def metadata(p: Plan) -> dict:
     import transformers
 
     base = p.recipe.model.base
-    where, _ = model.locate(base)
+    where = model.locate(base)
     return {
         "base": base,
         "base_path": str(Path(where).resolve()) if Path(where).exists() else where,
@@ -169,9 +169,17 @@ def oom_message(p: Plan, on: torch.device) -> str:
         f"out of memory at length {p.pi.target_len} x batch {p.recipe.train.batch_size} "
         f"(device has {total:.1f} GiB, peak allocated {peak:.1f} GiB). To use less: "
         "train.batch_size 1 (raise train.grad_accum to keep the batch), model.quant nf4, "
-        "model.gradient_checkpointing true, fewer lora.target_modules, a shorter rope.target_len, "
-        "or more GPUs. The last checkpoint is intact; continue with --resume."
+        "model.gradient_checkpointing true, a smaller train.loss_chunk, fewer lora.target_modules, "
+        "a shorter rope.target_len, or more GPUs."
     )
+
+
+def after_stop(folder: Path) -> str:
+    """What a stopped run left and how to go on."""
+    saved = run.checkpoints(folder)
+    if not saved:
+        return "No checkpoint was written yet, so nothing is kept; run the same command again."
+    return f"Checkpoint {saved[-1].name} is saved; continue with: pi-lora train --resume --output {folder}"
 
 
 def autocast(on: torch.device, dtype: torch.dtype):
@@ -226,13 +234,14 @@ def progress_bar(console: Console) -> Progress:
 
 def fit(p: Plan, console: Console, resume: bool) -> Path:
     """Train; returns the run folder. A fresh run that fails before its first checkpoint leaves nothing."""
-    folder, t = p.folder, p.recipe.train
+    folder = p.folder
     ckpts = run.checkpoints(folder) if resume else []
     fresh = not (folder / run.RECIPE).is_file()
     folder.mkdir(parents=True, exist_ok=True)
     try:
+        # on resume too: a longer train.steps must survive the next --resume
+        run.write_text(folder / run.RECIPE, f"# pi-lora {__version__}: resolved recipe\n" + dump(p.recipe))
         if not resume:
-            run.write_text(folder / run.RECIPE, f"# pi-lora {__version__}: resolved recipe\n" + dump(p.recipe))
             run.write_json(folder / run.META, metadata(p))
         return _loop(p, console, ckpts[-1] if ckpts else None)
     except BaseException:
@@ -247,8 +256,13 @@ def _loop(p: Plan, console: Console, checkpoint: Path | None) -> Path:
     dtype = model.compute_dtype(m.compute_dtype, on)
     seed_everything(t.seed)
     console.print(f"loading {m.base} ({m.quant}, compute {str(dtype).removeprefix('torch.')}) on {on.type}")
-    net = model.add_lora(model.load_base(m, p.config, on), p.recipe.lora, m.gradient_checkpointing)
+    try:
+        net = model.add_lora(model.load_base(m, p.config, on), p.recipe.lora, m.gradient_checkpointing)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(f"out of memory loading the base {m.base} ({m.quant}); try model.quant nf4.") from None
     params = list(trainable(net).values())
+    for x in params:  # AdamW updates of ~lr vanish in 16-bit weights; autocast handles compute dtype
+        x.data = x.data.float()
     console.print(f"trainable parameters: {sum(x.numel() for x in params):,}")
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     sched = scheduler(optimizer, t)
@@ -298,12 +312,9 @@ def _loop(p: Plan, console: Console, checkpoint: Path | None) -> Path:
                 done = saved
             if done > saved:
                 save_checkpoint(folder, done, done * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints)
-            raise Interrupted(
-                f"interrupted; checkpoint at step {done} is saved. Continue with: "
-                f"pi-lora train --resume --output {folder}"
-            ) from None
+            raise Interrupted(f"interrupted. {after_stop(folder)}") from None
         except torch.OutOfMemoryError:
-            raise OutOfMemory(oom_message(p, on)) from None
+            raise OutOfMemory(f"{oom_message(p, on)} {after_stop(folder)}") from None
     with run.atomic_dir(folder / run.ADAPTER) as tmp:
         net.save_pretrained(tmp)
     console.print(f"[green]done[/]: adapter in {folder / run.ADAPTER}, metrics in {folder / run.METRICS}")

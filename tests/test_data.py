@@ -55,11 +55,26 @@ def test_parquet_and_streaming_give_the_same_sequences(tmp_path, tokenizer):
     path = tmp_path / "d.parquet"
     datasets.Dataset.from_dict({"text": ["alpha beta gamma " * 40, "delta epsilon " * 50]}).to_parquet(path)
     cached = data.load(section(path, shuffle=False), tokenizer, 32, 0, tmp_path / "c")
-    streamed = data.load(section(path, streaming=True), tokenizer, 32, 0, tmp_path / "c")
+    streamed = data.load(section(path, streaming=True, shuffle=False), tokenizer, 32, 0, tmp_path / "c")
     assert isinstance(streamed, data.StreamedData)
     a, b = cached.batches(0, 2), streamed.batches(0, 2)
     for _ in range(cached.count // 2 + 3):  # past the end: both start the data over
         assert torch.equal(next(a), next(b))
+
+
+def test_streaming_shuffle_is_seeded_and_resumable(tmp_path, tokenizer):
+    import datasets
+
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_dict({"text": [f"document {i} " * 30 for i in range(40)]}).to_parquet(path)
+    load = lambda seed: data.load(section(path, streaming=True), tokenizer, 32, seed, tmp_path)  # noqa: E731
+    first = [next(b) for b in [load(1).batches(0, 2)] for _ in range(30)]
+    again = load(1).batches(0, 2)
+    assert all(torch.equal(x, next(again)) for x in first)
+    plain = data.load(section(path, streaming=True, shuffle=False), tokenizer, 32, 1, tmp_path).batches(0, 2)
+    assert not all(torch.equal(x, next(plain)) for x in first)  # shuffled, not file order
+    resumed = load(1).batches(10 * 2, 2)
+    assert all(torch.equal(x, next(resumed)) for x in first[10:])
 
 
 def test_too_little_data_says_how_much(tmp_path, tokenizer):
@@ -67,9 +82,8 @@ def test_too_little_data_says_how_much(tmp_path, tokenizer):
     path.write_text("In the beginning")
     with pytest.raises(PiLoraError, match=r"holds \d+ tokens, but one sequence needs 4096"):
         data.load(section(path), tokenizer, 4096, 0, tmp_path)
-    stream = data.load(section(path, streaming=True), tokenizer, 4096, 0, tmp_path)
-    with pytest.raises(PiLoraError, match="one sequence needs 4096"):
-        next(stream.batches(0, 1))
+    with pytest.raises(PiLoraError, match="one sequence needs 4096"):  # found before any model loads
+        data.load(section(path, streaming=True), tokenizer, 4096, 0, tmp_path)
 
 
 @pytest.mark.parametrize("source, message", [

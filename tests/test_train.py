@@ -172,6 +172,7 @@ def test_overwrite_replaces_and_existing_output_is_refused(reference_run, tiny_b
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / run.RECIPE).write_text("# an older run\n")
     refused = RUNNER.invoke(app, args(tiny_base, corpus, out, "--steps", "1"))
     assert refused.exit_code == 2 and "not empty" in refused.output
     assert (out / "keep.txt").read_text() == "mine"
@@ -237,3 +238,31 @@ def test_resume_refuses_to_change_what_the_run_computes(reference_run, tmp_path)
     longer = RUNNER.invoke(app, ["train", "--resume", "--output", str(copy), "--steps", "9"])
     assert longer.exit_code == 0, longer.output
     assert losses(copy)[:8] == losses(reference_run) and len(losses(copy)) == 9
+
+
+def test_overwrite_refuses_folders_that_are_not_runs(tiny_base, corpus, tmp_path):
+    precious = tmp_path / "models"
+    precious.mkdir()
+    (precious / "weights.bin").write_text("x")
+    result = RUNNER.invoke(app, args(tiny_base, corpus, precious, "--overwrite"))
+    assert result.exit_code == 2 and "replaces run folders only" in result.output
+    assert (precious / "weights.bin").is_file()
+
+
+def test_outputs_are_readable_by_others(reference_run):
+    for path in [reference_run / run.META, reference_run / "adapter", reference_run / "adapter" / "adapter_config.json"]:
+        mode = path.stat().st_mode
+        assert mode & 0o044 == 0o044, oct(mode)  # group and others can read (umask 022)
+
+
+def test_interrupt_before_any_checkpoint_says_nothing_was_kept(tiny_base, corpus, tmp_path, monkeypatch):
+    import pi_lora.train as train_mod
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "step_loss", stop)
+    out = tmp_path / "early"
+    result = RUNNER.invoke(app, args(tiny_base, corpus, out))
+    assert result.exit_code == 130 and "nothing is kept" in result.output
+    assert not out.exists()
