@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import __version__, data, loss, model, quant, rope, run
+from . import __version__, data, loss, memory, model, quant, rope, run
 from .errors import OutOfMemory, PiLoraError
 from .recipe import Recipe, dump
 
@@ -260,6 +260,8 @@ def _loop(p: Plan, console: Console, checkpoint: Path | None) -> Path:
         net = model.add_lora(model.load_base(m, p.config, on), p.recipe.lora, m.gradient_checkpointing)
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"out of memory loading the base {m.base} ({m.quant}); try model.quant nf4.") from None
+    if t.mlp_tile:
+        memory.tile_mlps(net, t.mlp_tile)
     params = list(trainable(net).values())
     for x in params:  # AdamW updates of ~lr vanish in 16-bit weights; autocast handles compute dtype
         x.data = x.data.float()

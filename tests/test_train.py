@@ -266,3 +266,10 @@ def test_interrupt_before_any_checkpoint_says_nothing_was_kept(tiny_base, corpus
     result = RUNNER.invoke(app, args(tiny_base, corpus, out))
     assert result.exit_code == 130 and "nothing is kept" in result.output
     assert not out.exists()
+
+
+def test_tiled_mlp_run_has_the_same_losses(reference_run, tiny_base, corpus, tmp_path):
+    out = tmp_path / "tiled"
+    result = invoke(args(tiny_base, corpus, out, "--set", "train.mlp_tile=64"))
+    assert result.exit_code == 0, result.output
+    assert losses(out) == pytest.approx(losses(reference_run), rel=1e-5)
