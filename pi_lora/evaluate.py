@@ -115,7 +115,20 @@ def token_nll(net, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     return torch.cat(out)
 
 
-def sliding_perplexity(net, tokens: torch.Tensor, length: int, stride: int = 256) -> tuple[float, int]:
+def window_nll(net, tokens: torch.Tensor):
+    """NLL of a window [begin, end) of `tokens`, remembered: lengths and position bins share windows."""
+    import functools
+
+    device = next(net.parameters()).device
+
+    @functools.lru_cache(maxsize=None)
+    def nll(begin: int, end: int) -> torch.Tensor:
+        return token_nll(net, tokens[begin:end].to(device)).double().cpu()
+
+    return nll
+
+
+def sliding_perplexity(net, tokens: torch.Tensor, length: int, stride: int = 256, nll=None) -> tuple[float, int]:
     """Perplexity over `tokens` with windows of `length` whose ends advance by `stride`.
 
     Each token is scored once, in the first window that ends at or after it, so after the first
@@ -123,27 +136,27 @@ def sliding_perplexity(net, tokens: torch.Tensor, length: int, stride: int = 256
     end of the data and is still full length (no short, context-poor window at the edge). A stride of
     `length` or more is taken as length - 1: windows must overlap by one token for each to be scored.
     """
-    device = next(net.parameters()).device
+    nll = nll or window_nll(net, tokens)
     stride = min(stride, length - 1)
     total, count, scored_to = 0.0, 0, 1  # tokens[0] has no prediction
     end = min(length, len(tokens))
     while scored_to < len(tokens):
         begin = max(0, end - length)
-        nll = token_nll(net, tokens[begin:end].to(device))
-        new = nll[scored_to - begin - 1 :]  # nll[j] predicts token begin + j + 1
-        total += new.double().sum().item()
+        new = nll(begin, end)[scored_to - begin - 1 :]  # nll[j] predicts token begin + j + 1
+        total += new.sum().item()
         count += len(new)
         scored_to = end
         end = min(end + stride, len(tokens))
     return math.exp(total / count), count
 
 
-def position_perplexity(net, tokens: torch.Tensor, length: int, bins: int) -> list[float]:
+def position_perplexity(net, tokens: torch.Tensor, length: int, bins: int, nll=None) -> list[float]:
     """Perplexity by position inside full windows: bin b covers positions [b*length/bins, (b+1)*length/bins)."""
+    nll_of = nll or window_nll(net, tokens)
     sums, counts = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins)
     width = length // bins
     for start in range(0, len(tokens) - length + 1, length):
-        nll = token_nll(net, tokens[start : start + length].to(next(net.parameters()).device)).double().cpu()
+        nll = nll_of(start, start + length)
         positions = torch.arange(1, length)
         index = torch.clamp(positions // width, max=bins - 1)
         sums.index_add_(0, index, nll)
@@ -290,14 +303,14 @@ def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
     longest = max(lengths)
     tokens = eval_tokens(section, subject.tokenizer, max(longest + s.stride * (s.windows - 1), longest))
     task = progress.add_task(f"perplexity {subject.label}", total=len(lengths)) if progress else None
-    ppl = {}
+    ppl, nll = {}, window_nll(subject.net, tokens)
     for n in lengths:
         # the same tokens at every length, as the paper compares lengths on the same documents
-        ppl[str(n)], _ = sliding_perplexity(subject.net, tokens, n, s.stride)
+        ppl[str(n)], _ = sliding_perplexity(subject.net, tokens, n, s.stride, nll)
         if progress:
             progress.advance(task)
     bins = max(1, longest // 2048) if longest >= 4096 else 4
-    by_position = position_perplexity(subject.net, tokens, longest, bins)
+    by_position = position_perplexity(subject.net, tokens, longest, bins, nll)
     width = longest // bins
     result = {
         "max_len": subject.max_len,

