@@ -6,7 +6,7 @@
 #   bash bench/smollm2_pi.sh                  # baselines only: no PI, PI x2, PI x4 (CPU: set STRIDE)
 #   TRAIN=1 STEPS=300 bash bench/smollm2_pi.sh  # also PI-train 8k -> 32k and evaluate the adapter (GPU)
 #
-# Settings (environment): LENGTHS, STRIDE (paper: 256), WINDOWS, PASSKEY (1/0), TRAIN, STEPS, OUT.
+# Settings (environment): LENGTHS, STRIDE (paper: 256), WINDOWS, ROPES, PASSKEY (1/0), TRAIN, STEPS, OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -40,7 +40,7 @@ for name, part in (("ot", books[:39]), ("nt", books[39:])):
         f.writelines(json.dumps(b) + "\n" for b in part)
 PY
 
-for rope in none linear:2 linear:4; do
+for rope in ${ROPES:-none linear:2 linear:4}; do
   echo "== base, rope $rope"
   .venv/bin/pi-lora eval "$MODEL" --rope "$rope" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
     --data "$OUT/kjv-nt.jsonl" $PASSKEY --output "$OUT/base-${rope/:/-}"

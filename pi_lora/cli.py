@@ -137,11 +137,7 @@ def train(
     with train_mod.progress_bar(console) as bar:
         plan = train_mod.plan(resolved, bar)
     train_mod.describe(plan, console)
-    if overwrite and Path(resolved.output).exists():
-        import shutil
-
-        shutil.rmtree(resolved.output)
-    train_mod.fit(plan, console, resume)
+    train_mod.fit(plan, console, resume, overwrite)
 
 
 @app.command()

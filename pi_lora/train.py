@@ -232,9 +232,11 @@ def progress_bar(console: Console) -> Progress:
     )
 
 
-def fit(p: Plan, console: Console, resume: bool) -> Path:
+def fit(p: Plan, console: Console, resume: bool, overwrite: bool = False) -> Path:
     """Train; returns the run folder. A fresh run that fails before its first checkpoint leaves nothing."""
     folder = p.folder
+    if overwrite and folder.exists():  # run.claim checked it is a run folder; all input is checked now
+        shutil.rmtree(folder)
     ckpts = run.checkpoints(folder) if resume else []
     fresh = not (folder / run.RECIPE).is_file()
     folder.mkdir(parents=True, exist_ok=True)
