@@ -20,13 +20,17 @@ def parts(net):
 
 
 def backward(net, ids: torch.Tensor, scale: float = 1.0, chunk: int = 4096,
-             autocast=contextlib.nullcontext) -> float:
+             autocast=contextlib.nullcontext, offload: bool = False) -> float:
     """Mean next-token loss of `ids` (no padding); backpropagates `scale` x loss. Returns the loss.
 
     `autocast` wraps the forward computations only: backward passes do not run under autocast.
+    `offload` keeps what the forward saves for backward in (pinned) CPU memory: with non-reentrant
+    checkpointing that is the layer inputs; the recompute in backward runs outside this context, so
+    each layer's working set stays on the accelerator.
     """
     decoder, head = parts(net)
-    with autocast():
+    keep = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload else contextlib.nullcontext()
+    with autocast(), keep:
         hidden = decoder(input_ids=ids).last_hidden_state
     detached = hidden.detach().requires_grad_(True)
     targets = ids[:, 1:]

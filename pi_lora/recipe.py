@@ -73,6 +73,7 @@ class TrainSection(_Section):
     max_grad_norm: NonNegFloat = 1.0  # 0 disables clipping
     loss_chunk: NonNegInt = 4096  # LM head + loss over this many positions at a time; 0: all at once
     mlp_tile: NonNegInt = 0  # run each MLP over this many positions at a time; 0: all at once
+    offload_activations: bool = False  # keep checkpointed layer inputs in CPU memory (needs loss_chunk > 0)
     weight_decay: NonNegFloat = 0.0
     betas: Annotated[list[Fraction], Field(min_length=2, max_length=2)] = [0.9, 0.95]
     seed: int = 42

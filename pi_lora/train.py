@@ -44,6 +44,8 @@ class Plan:
 
 def plan(recipe: Recipe, progress: Progress | None = None) -> Plan:
     m = recipe.model
+    if recipe.train.offload_activations and not recipe.train.loss_chunk:
+        raise PiLoraError("train.offload_activations needs train.loss_chunk > 0 (the chunked loss runs the offload).")
     config = model.load_config(m.base, m.revision, m.trust_remote_code)
     pi = rope.interpolation(config, recipe.rope.target_len, recipe.rope.scaling)
     rope.apply(config, pi)
@@ -194,7 +196,8 @@ def step_loss(net, batches, t, on: torch.device, dtype: torch.dtype) -> float:
     for _ in range(t.grad_accum):
         ids = next(batches).to(on)
         if t.loss_chunk:
-            total += loss.backward(net, ids, 1 / t.grad_accum, t.loss_chunk, lambda: autocast(on, dtype))
+            total += loss.backward(net, ids, 1 / t.grad_accum, t.loss_chunk, lambda: autocast(on, dtype),
+                                   t.offload_activations)
             continue
         with autocast(on, dtype):
             value = net(input_ids=ids, labels=ids).loss
