@@ -93,7 +93,10 @@ def load_subject(spec: str, rope_text: str | None = None, on: torch.device | Non
         raise PiLoraError(f"'{spec}' is model_type '{config.model_type}'; eval supports LLaMA-layout models.")
     if factor is not None:
         set_rope(config, factor)
-    net = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype).to(on)
+    try:
+        net = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype).to(on)
+    except (OSError, ValueError) as e:
+        raise PiLoraError(f"cannot load the weights of '{spec}': {first_line(e)}") from e
     if adapter is not None:
         from peft import PeftModel
 
