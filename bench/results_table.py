@@ -11,7 +11,7 @@ from pathlib import Path
 def main(paths: list[str]) -> None:
     rows = {}
     for path in paths:
-        for label, r in json.loads(Path(path).read_text())["results"].items():
+        for _label, r in json.loads(Path(path).read_text())["results"].items():
             rows[f"{Path(path).parent.name}"] = r
     lengths = sorted({int(n) for r in rows.values() for n in r["perplexity"]})
     print("| model | " + " | ".join(f"{n:,}" for n in lengths) + " |")

@@ -262,8 +262,8 @@ def recipes(ctx: typer.Context):
         return
     table = Table("name", "base", "target_len", "about")
     for name, path in recipes_mod.shipped().items():
-        tree = recipes_mod.read(path)
-        first = path.read_text().splitlines()[0].lstrip("# ") if path.read_text().startswith("#") else ""
+        tree, text = recipes_mod.read(path), path.read_text()
+        first = text.splitlines()[0].lstrip("# ") if text.startswith("#") else ""
         table.add_row(name, str(tree.get("model", {}).get("base")), str(tree.get("rope", {}).get("target_len")), first)
     console.print(table)
 

@@ -176,7 +176,7 @@ def write_gguf(merged: Path, output: Path, meta: dict, outtype: str, progress=No
     writer = GGUFWriter(output, "llama")
     add_metadata(writer, config, meta, outtype)
     add_vocab(writer, merged)
-    for file, key, target, shape in entries:  # the header, with every tensor's size, precedes the data
+    for _, _, target, shape in entries:  # the header, with every tensor's size, precedes the data
         dtype, stored, nbytes, kind = gguf_info(shape, outtype)
         writer.add_tensor_info(target, stored, dtype, nbytes, raw_dtype=kind)
     writer.write_header_to_file()

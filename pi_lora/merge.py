@@ -143,7 +143,10 @@ def read_tensor(file: Path, key: str) -> torch.Tensor:
 def write_shards(source: Path, out: Path, adapter: Adapter, dtype, meta: dict, into: str,
                  shard_bytes: int, progress=None) -> dict[str, str]:
     """Merged tensors written as `model-XXXXX.safetensors` shards; returns the weight map."""
-    names = [(f, k) for f in weight_files(source) for k in safe_open(f, "pt").keys()]
+    names = []
+    for file in weight_files(source):
+        with safe_open(file, "pt") as f:
+            names += [(file, k) for k in f.keys()]
     task = progress.add_task("merging", total=len(names)) if progress else None
     pending, size, shards, weight_map = {}, 0, [], {}
     used = set()

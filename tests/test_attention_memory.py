@@ -1,6 +1,5 @@
 """Attention never builds an L x L tensor: every tensor produced in a training step is checked."""
 
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig
