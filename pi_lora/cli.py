@@ -38,6 +38,7 @@ FLAG_KEYS = {
     "grad_accum": "train.grad_accum",
     "seed": "train.seed",
     "trust_remote_code": "model.trust_remote_code",
+    "gpu_mem": "train.gpu_mem",
 }
 
 
@@ -107,6 +108,7 @@ def train(
     trust_remote_code: Optional[bool] = typer.Option(
         None, "--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub. Recipe key: model.trust_remote_code."
     ),
+    gpu_mem: Optional[str] = typer.Option(None, help="Memory per device the plan may use, e.g. 24GiB [default: what the device has]. Recipe key: train.gpu_mem."),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
@@ -135,9 +137,9 @@ def train(
     print_overrides(overrides)
     print_recipe(resolved)
     with train_mod.progress_bar(console) as bar:
-        plan = train_mod.plan(resolved, bar)
-    train_mod.describe(plan, console)
-    train_mod.fit(plan, console, resume, overwrite)
+        prepared = train_mod.prepare(resolved, bar)
+    train_mod.describe(prepared, console)
+    train_mod.fit(prepared, console, resume, overwrite)
 
 
 @app.command()
@@ -241,6 +243,55 @@ def eval_(
         results = ev.evaluate(models_, settings, section, output, bar)
     console.print(ev.tables(results))
     console.print(f"[green]results[/] in {output / 'results.json'}, plot in {output / 'plot.png'}")
+
+
+@app.command()
+@handled
+def plan(
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name."),
+    base: Optional[str] = typer.Option(None, help="Base model: alias (planned offline), hub id or folder. Recipe key: model.base."),
+    target_len: Optional[int] = typer.Option(None, help="New context length L'. Recipe key: rope.target_len."),
+    gpu_mem: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 24GiB [default: this machine's GPU, or 24GiB]. Recipe key: train.gpu_mem."),
+    gpus: int = typer.Option(1, min=1, help="GPUs to split the layers across."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. Recipe key: train.batch_size."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank. Recipe key: lora.rank."),
+    set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set train.loss_chunk=2048 (repeatable)."),
+):
+    """Predict a GPU training run's memory by component, whether it fits, and the settings that make it fit.
+
+    Needs no weights: aliases are planned from shipped configs. Planned for bf16 compute on a GPU.
+    """
+    import torch
+
+    from . import model
+    from . import plan as planner
+
+    tree = recipes_mod.read(recipes_mod.find(recipe)) if recipe else {}
+    flags = {"model.base": base, "rope.target_len": target_len, "train.gpu_mem": gpu_mem,
+             "train.batch_size": batch_size, "lora.rank": rank}
+    resolved, _ = recipes_mod.resolve(tree, set_, flags, source=recipe or "flags")
+    m = resolved.model
+    if resolved.train.gpu_mem is None and not torch.cuda.is_available():
+        resolved.train.gpu_mem = "24GiB"
+    config = model.plan_config(m.base, m.revision, m.trust_remote_code)
+    from . import rope
+
+    pi = rope.interpolation(config, resolved.rope.target_len, resolved.rope.scaling)
+    shape = planner.Shape.of(config)
+    compute_bytes = 4 if m.compute_dtype == "fp32" else 2
+    decision = planner.decide(shape, resolved, compute_bytes, cuda=True, gpus=gpus)
+    title = (f"{m.base}: {pi.original_len:,} -> {pi.target_len:,} tokens, {m.quant}, LoRA r={resolved.lora.rank}, "
+             f"batch {resolved.train.batch_size}")
+    console.print(planner.table(decision, title))
+    s = decision.estimate.settings
+    console.print(f"settings: loss_chunk {s.loss_chunk}, mlp_tile {s.mlp_tile}, offload_activations "
+                  f"{s.offload_activations}" + (" (auto)" if decision.chosen else ""))
+    if not decision.fits:
+        raise PiLoraError(planner.refusal(decision, shape, planner.auto_keys(resolved.train)))
+    longest = planner.max_length(shape, s, decision.budget, True, planner.auto_keys(resolved.train))
+    console.print(f"[green]fits[/]: needs {decision.estimate.needs / planner.GiB:.1f} of "
+                  f"{decision.budget / planner.GiB:.1f} GiB per GPU; the longest that fits (auto settings resolved per length): "
+                  f"{longest:,} tokens")
 
 
 @app.command()

@@ -93,6 +93,19 @@ def load_config(base: str, revision: str | None = None, trust_remote_code: bool 
         ) from e
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # alias -> config.json, so planning needs no network
+
+
+def plan_config(base: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The config to plan memory with: the shipped copy for an alias, else the base's own."""
+    shipped = SHIPPED_CONFIGS / f"{base}.json"
+    if base in ALIASES and shipped.is_file():
+        from transformers import LlamaConfig
+
+        return LlamaConfig.from_json_file(shipped)
+    return load_config(base, revision, trust_remote_code)
+
+
 def load_tokenizer(base: str, revision: str | None = None, trust_remote_code: bool = False):
     where = locate(base)
     try:

@@ -72,8 +72,10 @@ class TrainSection(_Section):
     grad_accum: PosInt = 64
     max_grad_norm: NonNegFloat = 1.0  # 0 disables clipping
     loss_chunk: NonNegInt = 4096  # LM head + loss over this many positions at a time; 0: all at once
-    mlp_tile: NonNegInt = 0  # run each MLP over this many positions at a time; 0: all at once
-    offload_activations: bool = False  # keep checkpointed layer inputs in CPU memory (needs loss_chunk > 0)
+    # auto: chosen by the memory plan (pi-lora plan), only when the run would not fit without
+    mlp_tile: Literal["auto"] | NonNegInt = "auto"  # run each MLP over this many positions at a time; 0: off
+    offload_activations: Literal["auto"] | bool = "auto"  # checkpointed layer inputs in CPU memory
+    gpu_mem: str | None = None  # memory per device the plan may use, e.g. "24GiB"; default: what the device has
     weight_decay: NonNegFloat = 0.0
     betas: Annotated[list[Fraction], Field(min_length=2, max_length=2)] = [0.9, 0.95]
     seed: int = 42

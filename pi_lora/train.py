@@ -22,12 +22,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import __version__, data, loss, memory, model, quant, rope, run
+from . import plan as planner
 from .errors import OutOfMemory, PiLoraError
 from .recipe import Recipe, dump
 
 
 @dataclass
-class Plan:
+class Prepared:
     """What a run needs, checked before any weight is loaded."""
 
     recipe: Recipe
@@ -36,27 +37,41 @@ class Plan:
     tokenizer: object
     data: object  # data.PackedData | data.StreamedData
     folder: Path
+    memory: planner.Decision
 
     @property
     def per_step(self) -> int:
         return self.recipe.train.batch_size * self.recipe.train.grad_accum
 
 
-def plan(recipe: Recipe, progress: Progress | None = None) -> Plan:
+def prepare(recipe: Recipe, progress: Progress | None = None) -> Prepared:
     m = recipe.model
-    if recipe.train.offload_activations and not recipe.train.loss_chunk:
-        raise PiLoraError("train.offload_activations needs train.loss_chunk > 0 (the chunked loss runs the offload).")
     config = model.load_config(m.base, m.revision, m.trust_remote_code)
     pi = rope.interpolation(config, recipe.rope.target_len, recipe.rope.scaling)
     rope.apply(config, pi)
+    decision = plan_memory(recipe, config)
     tokenizer = model.load_tokenizer(m.base, m.revision, m.trust_remote_code)
     from .demo import home
 
     packed = data.load(recipe.data, tokenizer, pi.target_len, recipe.train.seed, home() / "tokens", progress)
-    return Plan(recipe, config, pi, tokenizer, packed, Path(recipe.output))
+    return Prepared(recipe, config, pi, tokenizer, packed, Path(recipe.output), decision)
 
 
-def describe(p: Plan, console: Console) -> None:
+def plan_memory(recipe: Recipe, config) -> planner.Decision:
+    """Run the memory plan before any weight is loaded: resolve `auto` settings, refuse what cannot fit."""
+    on = model.device()
+    shape = planner.Shape.of(config)
+    compute_bytes = model.compute_dtype(recipe.model.compute_dtype, on).itemsize
+    decision = planner.decide(shape, recipe, compute_bytes, on.type == "cuda")
+    if not decision.fits:
+        raise PiLoraError(planner.refusal(decision, shape, planner.auto_keys(recipe.train)))
+    t = recipe.train
+    t.mlp_tile = decision.estimate.settings.mlp_tile
+    t.offload_activations = decision.estimate.settings.offload_activations
+    return decision
+
+
+def describe(p: Prepared, console: Console) -> None:
     t, pi = p.recipe.train, p.pi
     console.print(
         f"[bold]PI[/]: {pi.original_len} -> {pi.target_len} tokens, rope '{pi.rope_type}' factor "
@@ -69,9 +84,16 @@ def describe(p: Plan, console: Console) -> None:
         f"[bold]budget[/]: {t.steps} steps x {t.batch_size} x {t.grad_accum} accum = {need} sequences, "
         f"{need * pi.target_len:,} tokens{epochs}"
     )
+    d = p.memory
+    chosen = ", ".join(f"{k} {v}" for k, v in d.chosen.items()) or "none"
+    console.print(
+        f"[bold]memory[/]: planned peak {d.estimate.peak / planner.GiB:.2f} GiB per device, needs "
+        f"{d.estimate.needs / planner.GiB:.2f} of {d.budget / planner.GiB:.1f} GiB (auto settings: {chosen}; "
+        "breakdown: pi-lora plan)"
+    )
 
 
-def metadata(p: Plan) -> dict:
+def metadata(p: Prepared) -> dict:
     import peft
     import transformers
 
@@ -87,6 +109,7 @@ def metadata(p: Plan) -> dict:
         "double_quant": p.recipe.model.double_quant,
         "compute_dtype": str(model.compute_dtype(p.recipe.model.compute_dtype, model.device())).removeprefix("torch."),
         "trainable": p.recipe.lora.trainable,
+        "planned_peak_gib": round(p.memory.estimate.peak / planner.GiB, 3),
         "pi_lora_version": __version__,
         "transformers_version": transformers.__version__,
         "peft_version": peft.__version__,
@@ -164,7 +187,21 @@ def memory_gb(on: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def oom_message(p: Plan, on: torch.device) -> str:
+def resident_gb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def compare_memory(p: Prepared, on: torch.device, before_gb: float) -> str:
+    """Planned against measured peak, after the first step (on a CPU: growth of resident memory)."""
+    measured = memory_gb(on) - (0 if on.type == "cuda" else before_gb)
+    planned = p.memory.estimate.peak / planner.GiB
+    kind = "max allocated" if on.type == "cuda" else "resident memory growth"
+    return f"memory after the first step: {measured:.2f} GiB measured ({kind}), {planned:.2f} GiB planned"
+
+
+def oom_message(p: Prepared, on: torch.device) -> str:
     total = torch.cuda.get_device_properties(on).total_memory / 2**30 if on.type == "cuda" else 0
     peak = memory_gb(on)
     return (
@@ -235,7 +272,7 @@ def progress_bar(console: Console) -> Progress:
     )
 
 
-def fit(p: Plan, console: Console, resume: bool, overwrite: bool = False) -> Path:
+def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False) -> Path:
     """Train; returns the run folder. A fresh run that fails before its first checkpoint leaves nothing."""
     folder = p.folder
     if overwrite and folder.exists():  # run.claim checked it is a run folder; all input is checked now
@@ -255,11 +292,12 @@ def fit(p: Plan, console: Console, resume: bool, overwrite: bool = False) -> Pat
         raise
 
 
-def _loop(p: Plan, console: Console, checkpoint: Path | None) -> Path:
+def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
     folder, t, m = p.folder, p.recipe.train, p.recipe.model
     on = model.device()
     dtype = model.compute_dtype(m.compute_dtype, on)
     seed_everything(t.seed)
+    before = resident_gb()
     console.print(f"loading {m.base} ({m.quant}, compute {str(dtype).removeprefix('torch.')}) on {on.type}")
     try:
         net = model.add_lora(model.load_base(m, p.config, on), p.recipe.lora, m.gradient_checkpointing)
@@ -311,6 +349,8 @@ def _loop(p: Plan, console: Console, checkpoint: Path | None) -> Path:
                     if not console.is_terminal:
                         console.print(f"step {step}/{t.steps}  {info}")
                 bar.update(task, completed=step)
+                if step == start + 1:
+                    console.print(compare_memory(p, on, before))
                 if step % t.save_every == 0 or step == t.steps:
                     save_checkpoint(folder, step, step * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints)
                     saved = step

@@ -1,0 +1,305 @@
+"""`pi-lora plan`: where one training step's memory goes, predicted before any weight is loaded.
+
+The model counts bytes per component from the base config and the recipe; the constants below are
+derived from what each op keeps for backward (see docs/design.md, "Memory model") and checked
+against measured peaks by bench/memory.py. What peft and transformers do that matters here:
+prepare_model_for_kbit_training casts every non-4-bit weight (embeddings, LM head, norms) to fp32,
+so the residual stream, and with it every checkpointed layer input, is fp32 whatever the compute
+dtype; autocast makes a compute-dtype copy of each activation a LoRA or 4-bit matmul reads.
+
+The peak of a step is the weights and optimizer state, plus every checkpointed layer input, plus
+the larger of two phases that never overlap: the LM head and loss, and one layer's recompute and
+backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import PiLoraError
+
+GiB = 2**30
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Bytes per weight of a quantized linear: 4-bit codes plus block scales (64 weights per block;
+# double quantization stores those scales in 8 bits with one fp32 per 256 blocks).
+QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "fp4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+QUANT_BYTES_SINGLE = {"nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64, "int8": 1.0}
+ADAM = 4 + 4 + 8  # fp32 weight, its gradient, two moments
+# Per token, per logit, for the LM head + cross-entropy: fp32 logits, log-softmax output, and in
+# backward its incoming and outgoing gradients; a 16-bit head output adds its own copy.
+LOGIT_BYTES = 12
+# One layer's recompute + backward, per token: fp32 tensors of hidden size (norm outputs, the
+# residual sum, the hidden gradient in and out), compute-dtype tensors of hidden size (q/k/v before
+# and after RoPE, attention output, o_proj/down_proj outputs, LoRA input copies) and of MLP size
+# (gate, up, silu, product, and two gradients of that size alive at once).
+LAYER_FP32_H, LAYER_DT_H, LAYER_DT_M = 6, 10, 6
+# GPU only: the CUDA context and allocator slack are not in max_memory_allocated.
+CUDA_RESERVE = 0.8 * GiB
+CUDA_SLACK = 0.05
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        needed = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
+        missing = [k for k in needed if getattr(config, k, None) is None]
+        if missing:
+            raise PiLoraError(f"cannot plan memory: the config has no {', '.join(missing)} (not a LLaMA layout).")
+        heads = config.num_attention_heads
+        return cls(
+            hidden=config.hidden_size, layers=config.num_hidden_layers, intermediate=config.intermediate_size,
+            vocab=config.vocab_size, heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    def linear(self, name: str) -> tuple[int, int]:
+        """(in, out) features of one layer's linear."""
+        h, m, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}[name]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The recipe values that move memory (one name each, as in the recipe)."""
+
+    target_len: int
+    batch_size: int = 1
+    quant: str = "nf4"
+    double_quant: bool = True
+    compute_bytes: int = 2  # 2: bf16, 4: fp32
+    rank: int = 8
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    trainable: tuple[str, ...] = ()
+    gradient_checkpointing: bool = True
+    loss_chunk: int = 4096
+    mlp_tile: int = 0
+    offload_activations: bool = False
+    gpus: int = 1
+
+    @classmethod
+    def of(cls, recipe, compute_bytes: int, gpus: int = 1) -> Settings:
+        t, lora = recipe.train, recipe.lora
+        targets = LINEARS if lora.target_modules == "all-linear" else tuple(lora.target_modules)
+        return cls(
+            target_len=recipe.rope.target_len, batch_size=t.batch_size, quant=recipe.model.quant,
+            double_quant=recipe.model.double_quant, compute_bytes=compute_bytes, rank=lora.rank,
+            target_modules=targets, trainable=tuple(lora.trainable),
+            gradient_checkpointing=recipe.model.gradient_checkpointing, loss_chunk=t.loss_chunk,
+            mlp_tile=t.mlp_tile if isinstance(t.mlp_tile, int) else 0,
+            offload_activations=t.offload_activations is True, gpus=gpus,
+        )
+
+
+def weights(shape: Shape, s: Settings) -> dict[str, float]:
+    per_layer = sum(i * o for i, o in map(shape.linear, LINEARS))
+    per_weight = (QUANT_BYTES if s.double_quant else QUANT_BYTES_SINGLE).get(s.quant, s.compute_bytes)
+    embed = shape.vocab * shape.hidden
+    # peft's k-bit preparation casts embeddings, head and norms to fp32; unquantized bases keep their dtype
+    dense = 4 if s.quant != "none" else s.compute_bytes
+    heads = embed * (1 if shape.tied else 2)
+    norms = (2 * shape.layers + 1) * shape.hidden
+    return {
+        "base weights (linears)": shape.layers * per_layer * per_weight,
+        "base weights (embeddings, head, norms)": (heads + norms) * dense,
+    }
+
+
+def lora_params(shape: Shape, s: Settings) -> int:
+    return shape.layers * sum(s.rank * sum(shape.linear(n)) for n in s.target_modules if n in LINEARS)
+
+
+def activations(shape: Shape, s: Settings) -> dict[str, float]:
+    """Bytes of the step's activations: checkpoints (all live at once) and the two exclusive phases."""
+    T, h, m, c = s.batch_size * s.target_len, shape.hidden, shape.intermediate, s.compute_bytes
+    tile = min(s.mlp_tile, T) if s.mlp_tile else T
+    layer = T * h * (4 * LAYER_FP32_H + c * LAYER_DT_H) + tile * m * c * LAYER_DT_M
+    inputs = T * h * 4 * shape.layers  # fp32 residual stream, one per layer
+    if not s.gradient_checkpointing:
+        inputs, layer = inputs + layer * (shape.layers - 1), layer
+    chunk = min(s.loss_chunk, T) if s.loss_chunk else T
+    head = chunk * shape.vocab * (LOGIT_BYTES + (2 if c == 2 else 0)) + 2 * T * h * 4
+    return {
+        "checkpointed layer inputs": 0.0 if s.offload_activations else float(inputs),
+        "one layer's recompute + backward": float(layer),
+        "LM head + loss": float(head),
+    }
+
+
+@dataclass
+class Estimate:
+    shape: Shape
+    settings: Settings
+    parts: dict[str, float]
+    peak: float  # what torch.cuda.max_memory_allocated would report on the busiest device
+    offloaded: float  # host memory the offload needs
+    cuda: bool
+
+    @property
+    def needs(self) -> float:
+        """Device memory to reserve: the peak, plus the CUDA context and allocator slack on a GPU."""
+        return self.peak * (1 + CUDA_SLACK) + CUDA_RESERVE if self.cuda else self.peak
+
+
+def estimate(shape: Shape, s: Settings, cuda: bool = True) -> Estimate:
+    w = weights(shape, s)
+    lora = lora_params(shape, s) * ADAM
+    t = {"LoRA weights, gradients, AdamW": float(lora)}
+    extra = (shape.vocab * shape.hidden if "embed" in s.trainable else 0) + (
+        (2 * shape.layers + 1) * shape.hidden if "norm" in s.trainable else 0)
+    if extra:
+        t["trained embed/norm copies, gradients, AdamW"] = float(extra * ADAM)
+    a = activations(shape, s)
+    parts = {**w, **t, **a}
+    static = sum(w.values()) + sum(t.values()) + a["checkpointed layer inputs"]
+    peak = static + max(a["one layer's recompute + backward"], a["LM head + loss"])
+    if s.gpus > 1:
+        # layers split across cards: each holds its share of linears and checkpoints; the first card
+        # also holds the embeddings and trained copies, the last the head and the loss
+        share = (w["base weights (linears)"] + a["checkpointed layer inputs"]) / s.gpus
+        peak = max(share + w["base weights (embeddings, head, norms)"] + sum(t.values()) + a["LM head + loss"],
+                   share + a["one layer's recompute + backward"] + sum(t.values()))
+    offloaded = s.batch_size * s.target_len * shape.hidden * 4 * shape.layers if s.offload_activations else 0.0
+    return Estimate(shape, s, parts, peak, float(offloaded), cuda)
+
+
+# Cheapest first: tiling costs one more MLP forward per layer; offload costs host transfers
+# (overlapped on a GPU); a smaller loss chunk costs almost nothing but helps little below 4096.
+LADDER = (
+    {},
+    {"mlp_tile": 4096},
+    {"offload_activations": True},
+    {"mlp_tile": 4096, "offload_activations": True},
+    {"mlp_tile": 2048, "offload_activations": True, "loss_chunk": 1024},
+)
+
+
+def fit(shape: Shape, s: Settings, budget: float, cuda: bool, auto: set[str]) -> tuple[Estimate, dict]:
+    """The first rung of LADDER that fits `budget`, changing only the settings in `auto`.
+
+    Returns the estimate and the settings chosen; when nothing fits, the last (smallest) estimate.
+    """
+    best = None
+    for rung in LADDER:
+        changes = {k: v for k, v in rung.items() if k in auto}
+        if changes.get("offload_activations") and not cuda:
+            continue  # on a CPU the activations are in host memory already
+        e = estimate(shape, replace(s, **changes), cuda)
+        if best is None or e.needs < best[0].needs:
+            best = (e, changes)
+        if e.needs <= budget:
+            return e, changes
+    return best
+
+
+def max_length(shape: Shape, s: Settings, budget: float, cuda: bool, auto: set[str], step: int = 1024) -> int:
+    """The longest target_len (a multiple of `step`) whose best settings fit `budget`; 0 if none."""
+    low, high = 0, step
+    while fit(shape, replace(s, target_len=high), budget, cuda, auto)[0].needs <= budget and high < 2**24:
+        low, high = high, high * 2
+    while high - low > step:
+        mid = (low + high) // 2 // step * step
+        if fit(shape, replace(s, target_len=mid), budget, cuda, auto)[0].needs <= budget:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def parse_size(text: str) -> float:
+    """'24GiB', '24GB', '24G', '80 GiB', '512MiB' -> bytes (GB and G read as GiB, as GPU specs mean)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise PiLoraError(f"memory size '{text}' is not like 24GiB, 80GB or 512MiB.")
+    return float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
+
+
+def device_memory(cuda: bool) -> float:
+    """What one device has: a GPU's total memory, or the RAM available now on a CPU."""
+    if cuda:
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    import psutil
+
+    return float(psutil.virtual_memory().available)
+
+
+def auto_keys(train) -> set[str]:
+    return {k for k in ("mlp_tile", "offload_activations") if getattr(train, k) == "auto"}
+
+
+@dataclass
+class Decision:
+    """The plan for a recipe: the estimate with the chosen settings, and whether it fits."""
+
+    estimate: Estimate
+    chosen: dict  # auto settings resolved: every key in auto_keys, with the value picked
+    budget: float
+    fits: bool
+
+
+def decide(shape: Shape, recipe, compute_bytes: int, cuda: bool, gpus: int = 1, budget: float | None = None) -> Decision:
+    t = recipe.train
+    if t.offload_activations is True and not t.loss_chunk:
+        raise PiLoraError("train.offload_activations needs train.loss_chunk > 0 (the chunked loss runs the offload).")
+    budget = budget or (parse_size(t.gpu_mem) if t.gpu_mem else device_memory(cuda))
+    auto = auto_keys(t)
+    if not t.loss_chunk:
+        auto.discard("offload_activations")
+    s = Settings.of(recipe, compute_bytes, gpus)
+    e, changes = fit(shape, s, budget, cuda, auto)
+    chosen = {"mlp_tile": e.settings.mlp_tile, "offload_activations": e.settings.offload_activations}
+    return Decision(e, {k: chosen[k] for k in auto}, budget, e.needs <= budget)
+
+
+def refusal(d: Decision, shape: Shape, auto: set[str]) -> str:
+    """Why a run cannot fit, and what would make it fit."""
+    e, s = d.estimate, d.estimate.settings
+    biggest = sorted(e.parts.items(), key=lambda kv: -kv[1])[:3]
+    parts = ", ".join(f"{name} {v / GiB:.1f} GiB" for name, v in biggest)
+    longest = max_length(shape, s, d.budget, e.cuda, auto | {"mlp_tile", "offload_activations"})
+    hints = [f"rope.target_len {longest:,} fits" if longest else "no length fits"]
+    if s.batch_size > 1:
+        hints.append("train.batch_size 1 (raise train.grad_accum to keep the batch)")
+    if e.cuda:
+        hints.append("more GPUs (pi-lora plan --gpus 2)")
+    if not auto >= {"mlp_tile", "offload_activations"}:
+        hints.append("train.mlp_tile and train.offload_activations auto")
+    return (f"this run needs {e.needs / GiB:.1f} GiB per device and has {d.budget / GiB:.1f} GiB "
+            f"(largest parts: {parts}). Options: {'; '.join(hints)}. See: pi-lora plan.")
+
+
+def table(d: Decision, title: str):
+    from rich.table import Table
+
+    e = d.estimate
+    grid = Table(title=title, show_footer=False)
+    grid.add_column("component")
+    grid.add_column("GiB", justify="right")
+    for name, value in e.parts.items():
+        grid.add_row(name, f"{value / GiB:.2f}")
+    layer, head = e.parts["one layer's recompute + backward"], e.parts["LM head + loss"]
+    if e.settings.gpus == 1:
+        grid.add_row("[dim]the smaller phase, not at the peak[/]", f"[dim]-{min(layer, head) / GiB:.2f}[/]")
+        grid.add_row("[bold]peak (allocated)[/]", f"[bold]{e.peak / GiB:.2f}[/]")
+    else:
+        grid.add_row(f"[bold]peak on the busiest of {e.settings.gpus} GPUs[/]", f"[bold]{e.peak / GiB:.2f}[/]")
+    if e.cuda:
+        grid.add_row("+ CUDA context and allocator slack", f"{(e.needs - e.peak) / GiB:.2f}")
+    if e.offloaded:
+        grid.add_row("[dim]host memory for offloaded activations[/]", f"[dim]{e.offloaded / GiB:.2f}[/]")
+    return grid
