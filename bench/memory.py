@@ -35,10 +35,12 @@ POINTS = [
     ("fp32", 2048, 1024, 0, True),
     ("fp32", 4096, 1024, 0, True),
     ("fp32", 4096, 1024, 1024, True),
-    ("fp32", 8192, 1024, 1024, True),
+    ("bf16", 2048, 1024, 0, True),
     ("bf16", 4096, 1024, 0, True),
-    ("bf16", 8192, 1024, 1024, True),
+    ("bf16", 4096, 1024, 1024, True),
     ("fp32", 2048, 1024, 0, False),
+    ("fp32", 8192, 1024, 1024, True),
+    ("bf16", 8192, 1024, 1024, True),
 ]
 
 WORKER = r"""
@@ -62,6 +64,7 @@ rope.apply(config, rope.interpolation(config, length, "linear"))
 on = torch.device("cpu")
 baseline = proc.memory_info().rss  # libraries imported; nothing of the model yet
 net = model.add_lora(model.load_base(recipe.model, config, on), recipe.lora, ckpt)
+memory.narrow(net, model.compute_dtype(dtype, on))
 if tile:
     memory.tile_mlps(net, tile)
 params = [p for p in net.parameters() if p.requires_grad]
@@ -118,8 +121,10 @@ def predict(point: tuple, layers: int) -> dict:
     return {"predicted": e.peak, "parts": e.parts}
 
 
-def measure(folder: Path, point: tuple) -> dict:
+def measure(folder: Path, point: tuple, threads: int = 0) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     out = subprocess.run([sys.executable, "-c", WORKER, str(folder), json.dumps(point), str(ROOT)],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -139,23 +144,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--points", type=int, default=len(POINTS))
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="only the points of this compute dtype")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per point [default: all]")
+    parser.add_argument("--skip", type=int, default=0, help="skip the first SKIP points (after --dtype)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--save", type=Path, help="also write the measurements to this JSON file")
-    parser.add_argument("--reuse", type=Path, help="compare saved measurements with the current plan, measuring nothing")
+    parser.add_argument("--reuse", type=Path, nargs="+", help="compare saved measurements with the current plan, measuring nothing")
     args = parser.parse_args()
     lines = ["| compute | length | loss_chunk | mlp_tile | checkpointing | measured GiB | plan GiB | plan error |",
              "|---|---|---|---|---|---|---|---|"]
     results = []
     if args.reuse:
-        saved = json.loads(args.reuse.read_text())
-        args.layers = saved["layers"]
-        results = [(tuple(p), {**r, **predict(tuple(p), args.layers)}) for p, r in saved["results"]]
+        for path in args.reuse:
+            saved = json.loads(path.read_text())
+            args.layers = saved["layers"]
+            results += [(tuple(p), {**r, **predict(tuple(p), args.layers)}) for p, r in saved["results"]]
         lines += [row(p, r) for p, r in results]
     else:
         with tempfile.TemporaryDirectory() as tmp:
             folder = build_base(Path(tmp) / "llama7b-shaped", args.layers)
-            for point in POINTS[: args.points]:
-                r = {**measure(folder, point), **predict(point, args.layers)}
+            chosen = [p for p in POINTS if args.dtype in (None, p[0])][args.skip:][: args.points]
+            for point in chosen:
+                r = {**measure(folder, point, args.threads), **predict(point, args.layers)}
                 results.append((point, r))
                 lines.append(row(point, r))
                 print(lines[-1], f"({r['seconds']:.0f} s)", flush=True)

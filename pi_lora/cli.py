@@ -113,11 +113,16 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
 ):
-    """Extend a base model by Position Interpolation and train a LoRA adapter at the new length."""
-    from . import run
+    """Extend a base model by Position Interpolation and train a LoRA adapter at the new length.
+
+    Data parallel on N GPUs (or CPU processes): torchrun --nproc_per_node N -m pi_lora train ...
+    """
+    from . import distributed, run
     from . import train as train_mod
 
     given = locals()
+    world = distributed.start()
+    console.quiet = not world.main  # rank 0 speaks for all
     flags = {key: given[name] for name, key in FLAG_KEYS.items()}
     tree, source = ({}, "flags")
     if recipe is not None:
@@ -139,7 +144,10 @@ def train(
     with train_mod.progress_bar(console) as bar:
         prepared = train_mod.prepare(resolved, bar)
     train_mod.describe(prepared, console)
-    train_mod.fit(prepared, console, resume, overwrite)
+    try:
+        train_mod.fit(prepared, console, resume, overwrite)
+    finally:
+        distributed.stop()
 
 
 @app.command()

@@ -118,7 +118,12 @@ def load_tokenizer(base: str, revision: str | None = None, trust_remote_code: bo
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: its GPU (one per process under torchrun), or the CPU."""
+    import os
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def compute_dtype(name: str, on: torch.device) -> torch.dtype:

@@ -4,8 +4,9 @@ The model counts bytes per component from the base config and the recipe; the co
 derived from what each op keeps for backward (see docs/design.md, "Memory model") and checked
 against measured peaks by bench/memory.py. What peft and transformers do that matters here:
 prepare_model_for_kbit_training casts every non-4-bit weight (embeddings, LM head, norms) to fp32,
-so the residual stream, and with it every checkpointed layer input, is fp32 whatever the compute
-dtype; autocast makes a compute-dtype copy of each activation a LoRA or 4-bit matmul reads.
+which memory.narrow undoes for the frozen embeddings and head and for the residual stream (so the
+checkpointed layer inputs are in the compute dtype); autocast makes a compute-dtype copy of each
+activation a LoRA or 4-bit matmul reads.
 
 The peak of a step is the weights and optimizer state, plus every checkpointed layer input, plus
 the larger of two phases that never overlap: the LM head and loss, and one layer's recompute and
@@ -106,13 +107,12 @@ def weights(shape: Shape, s: Settings) -> dict[str, float]:
     per_layer = sum(i * o for i, o in map(shape.linear, LINEARS))
     per_weight = (QUANT_BYTES if s.double_quant else QUANT_BYTES_SINGLE).get(s.quant, s.compute_bytes)
     embed = shape.vocab * shape.hidden
-    # peft's k-bit preparation casts embeddings, head and norms to fp32; unquantized bases keep their dtype
-    dense = 4 if s.quant != "none" else s.compute_bytes
+    # frozen embeddings and head in the compute dtype (memory.narrow); norms fp32 after k-bit preparation
     heads = embed * (1 if shape.tied else 2)
     norms = (2 * shape.layers + 1) * shape.hidden
     return {
         "base weights (linears)": shape.layers * per_layer * per_weight,
-        "base weights (embeddings, head, norms)": (heads + norms) * dense,
+        "base weights (embeddings, head, norms)": heads * s.compute_bytes + norms * 4,
     }
 
 
@@ -120,16 +120,22 @@ def lora_params(shape: Shape, s: Settings) -> int:
     return shape.layers * sum(s.rank * sum(shape.linear(n)) for n in s.target_modules if n in LINEARS)
 
 
+def checkpoint_bytes(shape: Shape, s: Settings) -> float:
+    """Every layer's input, kept for its recompute: the residual stream in the compute dtype (memory.narrow)."""
+    return float(s.batch_size * s.target_len * shape.hidden * s.compute_bytes * shape.layers)
+
+
 def activations(shape: Shape, s: Settings) -> dict[str, float]:
     """Bytes of the step's activations: checkpoints (all live at once) and the two exclusive phases."""
     T, h, m, c = s.batch_size * s.target_len, shape.hidden, shape.intermediate, s.compute_bytes
     tile = min(s.mlp_tile, T) if s.mlp_tile else T
     layer = T * h * (4 * LAYER_FP32_H + c * LAYER_DT_H) + tile * m * c * LAYER_DT_M
-    inputs = T * h * 4 * shape.layers  # fp32 residual stream, one per layer
+    inputs = checkpoint_bytes(shape, s)
     if not s.gradient_checkpointing:
         inputs, layer = inputs + layer * (shape.layers - 1), layer
     chunk = min(s.loss_chunk, T) if s.loss_chunk else T
-    head = chunk * shape.vocab * (LOGIT_BYTES + (2 if c == 2 else 0)) + 2 * T * h * 4
+    # + the final norm's fp32 internals, its output and that output's gradient
+    head = chunk * shape.vocab * (LOGIT_BYTES + (2 if c == 2 else 0)) + T * h * (8 + 2 * c)
     return {
         "checkpointed layer inputs": 0.0 if s.offload_activations else float(inputs),
         "one layer's recompute + backward": float(layer),
@@ -170,7 +176,7 @@ def estimate(shape: Shape, s: Settings, cuda: bool = True) -> Estimate:
         share = (w["base weights (linears)"] + a["checkpointed layer inputs"]) / s.gpus
         peak = max(share + w["base weights (embeddings, head, norms)"] + sum(t.values()) + a["LM head + loss"],
                    share + a["one layer's recompute + backward"] + sum(t.values()))
-    offloaded = s.batch_size * s.target_len * shape.hidden * 4 * shape.layers if s.offload_activations else 0.0
+    offloaded = checkpoint_bytes(shape, s) if s.offload_activations else 0.0
     return Estimate(shape, s, parts, peak, float(offloaded), cuda)
 
 

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import __version__, data, loss, memory, model, quant, rope, run
+from . import __version__, data, distributed, loss, memory, model, quant, rope, run
 from . import plan as planner
 from .errors import OutOfMemory, PiLoraError
 from .recipe import Recipe, dump
@@ -41,7 +41,8 @@ class Prepared:
 
     @property
     def per_step(self) -> int:
-        return self.recipe.train.batch_size * self.recipe.train.grad_accum
+        """Sequences per optimizer step, over all data-parallel ranks."""
+        return self.recipe.train.batch_size * self.recipe.train.grad_accum * distributed.current().size
 
 
 def prepare(recipe: Recipe, progress: Progress | None = None) -> Prepared:
@@ -149,9 +150,12 @@ def trainable(net) -> dict[str, torch.Tensor]:
     return {n: p for n, p in net.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer, sched, rng: dict,
+def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer, sched, rng: list[dict],
                     keep: int) -> None:
+    """`rng` holds every rank's RNG state (one entry without data parallelism)."""
     quant.check(net)
+    if not distributed.current().main:
+        return
     with run.atomic_dir(folder / run.CHECKPOINTS / f"step-{step}") as tmp:
         net.save_pretrained(tmp / run.ADAPTER)
         state = {
@@ -175,9 +179,14 @@ def restore(checkpoint: Path, net, optimizer, sched) -> tuple[int, int]:
     with torch.no_grad():
         for name, value in state["weights"].items():
             params[name].copy_(value)
+    world = distributed.current()
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(rngs) != world.size:
+        raise PiLoraError(f"checkpoint {checkpoint} was written by {len(rngs)} data-parallel process(es); "
+                          f"resume it with the same number, not {world.size}.")
     optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    set_rng_state(rngs[world.rank])
     return state["step"], state["sequences_seen"]
 
 
@@ -274,7 +283,11 @@ def progress_bar(console: Console) -> Progress:
 
 def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False) -> Path:
     """Train; returns the run folder. A fresh run that fails before its first checkpoint leaves nothing."""
-    folder = p.folder
+    folder, world = p.folder, distributed.current()
+    if not world.main:  # rank 0 writes the run folder; the others wait until it is ready
+        distributed.barrier(world)
+        ckpts = run.checkpoints(folder) if resume else []
+        return _loop(p, console, ckpts[-1] if ckpts else None)
     if overwrite and folder.exists():  # run.claim checked it is a run folder; all input is checked now
         shutil.rmtree(folder)
     ckpts = run.checkpoints(folder) if resume else []
@@ -285,6 +298,7 @@ def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False) ->
         run.write_text(folder / run.RECIPE, f"# pi-lora {__version__}: resolved recipe\n" + dump(p.recipe))
         if not resume:
             run.write_json(folder / run.META, metadata(p))
+        distributed.barrier(world)
         return _loop(p, console, ckpts[-1] if ckpts else None)
     except BaseException:
         if fresh and not run.checkpoints(folder):
@@ -293,7 +307,7 @@ def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False) ->
 
 
 def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
-    folder, t, m = p.folder, p.recipe.train, p.recipe.model
+    folder, t, m, world = p.folder, p.recipe.train, p.recipe.model, distributed.current()
     on = model.device()
     dtype = model.compute_dtype(m.compute_dtype, on)
     seed_everything(t.seed)
@@ -303,22 +317,27 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
         net = model.add_lora(model.load_base(m, p.config, on), p.recipe.lora, m.gradient_checkpointing)
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"out of memory loading the base {m.base} ({m.quant}); try model.quant nf4.") from None
+    memory.narrow(net, dtype)
     if t.mlp_tile:
         memory.tile_mlps(net, t.mlp_tile)
     params = list(trainable(net).values())
     for x in params:  # AdamW updates of ~lr vanish in 16-bit weights; autocast handles compute dtype
         x.data = x.data.float()
     console.print(f"trainable parameters: {sum(x.numel() for x in params):,}")
+    if world.size > 1:  # same initial weights on every rank (seeded above); different dropout masks
+        seed_everything(t.seed + world.rank)
+        console.print(f"data parallel: {world.size} processes, {p.per_step} sequences per step in all")
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     sched = scheduler(optimizer, t)
     start, seen = 0, 0
     if checkpoint is not None:
         start, seen = restore(checkpoint, net, optimizer, sched)
         console.print(f"resumed from {checkpoint.name} ({seen} sequences seen)")
-    run.truncate_metrics(folder, start)
+    if world.main:
+        run.truncate_metrics(folder, start)
     net.train()
-    batches = p.data.batches(seen, t.batch_size)
-    rng, saved, done, updating = rng_state(), start, start, False
+    batches = distributed.shard(p.data.batches(seen, t.batch_size), world)
+    rng, saved, done, updating = distributed.gather(rng_state(), world), start, start, False
     tokens_per_step = p.per_step * p.pi.target_len
     with progress_bar(console) as bar, sigterm_as_interrupt():
         task = bar.add_task("train", total=t.steps, completed=start, info="")
@@ -326,7 +345,7 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
             for step in range(start + 1, t.steps + 1):
                 began = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                value = step_loss(net, batches, t, on, dtype)
+                value = distributed.average(params, step_loss(net, batches, t, on, dtype), world)
                 if not math.isfinite(value):
                     raise PiLoraError(f"loss became {value} at step {step}; lower train.lr or check the data.")
                 norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
@@ -334,14 +353,14 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
                 updating = True  # weights, optimizer, scheduler and RNG move together
                 optimizer.step()
                 sched.step()
-                rng, done, updating = rng_state(), step, False
+                rng, done, updating = distributed.gather(rng_state(), world), step, False
                 seconds = time.perf_counter() - began
                 record = {
                     "step": step, "loss": value, "lr": lr, "grad_norm": float(norm),
                     "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
                     "mem_gb": round(memory_gb(on), 3), "seconds": seconds,
                 }
-                if step % t.log_every == 0 or step == t.steps:
+                if world.main and (step % t.log_every == 0 or step == t.steps):
                     run.append_metrics(folder, record)
                     info = (f"loss {value:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
                             f"mem {record['mem_gb']:.2f} GB")
@@ -362,7 +381,9 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
             raise Interrupted(f"interrupted. {after_stop(folder)}") from None
         except torch.OutOfMemoryError:
             raise OutOfMemory(f"{oom_message(p, on)} {after_stop(folder)}") from None
-    with run.atomic_dir(folder / run.ADAPTER) as tmp:
-        net.save_pretrained(tmp)
+    if world.main:
+        with run.atomic_dir(folder / run.ADAPTER) as tmp:
+            net.save_pretrained(tmp)
+    distributed.barrier(world)
     console.print(f"[green]done[/]: adapter in {folder / run.ADAPTER}, metrics in {folder / run.METRICS}")
     return folder

@@ -1,0 +1,78 @@
+"""Data parallel training with torchrun over gloo (CPU): equal to one process with accumulation."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pi_lora import run
+
+
+def train_argv(tiny_base, corpus, out, *extra):
+    return ["train", "--base", str(tiny_base), "--target-len", "256", "--data", str(corpus), "--output", str(out),
+            "--lr", "5e-3", "--batch-size", "1", "--rank", "4", "--set", "lora.trainable=[embed, norm]",
+            "--set", "train.warmup_steps=0", "--set", "train.save_every=1", *extra]
+
+
+def launch(processes: int, argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if processes == 1:
+        cmd = [sys.executable, "-m", "pi_lora", *argv]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "pi_lora", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / run.ADAPTER / "adapter_model.safetensors")
+
+
+def losses(folder: Path) -> list[float]:
+    return [r["loss"] for r in run.read_metrics(folder)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_base, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "two"
+    result = launch(2, train_argv(tiny_base, corpus, out, "--steps", "3", "--grad-accum", "1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_two_processes_equal_one_with_accumulation(two_ranks, tiny_base, corpus, tmp_path):
+    two, result = two_ranks
+    one = tmp_path / "one"
+    single = launch(1, train_argv(tiny_base, corpus, one, "--steps", "3", "--grad-accum", "2"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=1e-5, atol=1e-6)
+    a, b = adapter(two), adapter(one)
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(a[next(k for k in a if "lora_B" in k)], torch.zeros(1))  # it did train
+    # sequences_seen counts both ranks' sequences; rank 0 alone wrote: one metrics row per step
+    state = torch.load(run.checkpoints(two)[-1] / run.STATE, weights_only=False)
+    assert state["sequences_seen"] == 6 and len(state["rng"]) == 2
+    assert [r["step"] for r in run.read_metrics(two)] == [1, 2, 3]
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert "data parallel: 2 processes" in result.stdout and result.stdout.count("trainable parameters") == 1
+
+
+def test_resume_with_two_processes_continues_exactly(two_ranks, tiny_base, corpus, tmp_path):
+    two, _ = two_ranks
+    out = tmp_path / "resumed"
+    first = launch(2, train_argv(tiny_base, corpus, out, "--steps", "2", "--grad-accum", "1"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    wrong = launch(1, ["train", "--resume", "--output", str(out), "--steps", "3"])
+    assert wrong.returncode == 2 and "same number" in wrong.stderr
+    again = launch(2, ["train", "--resume", "--output", str(out), "--steps", "3"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(two)), rtol=1e-5, atol=1e-6)
+    a, b = adapter(out), adapter(two)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
