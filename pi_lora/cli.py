@@ -39,6 +39,7 @@ FLAG_KEYS = {
     "seed": "train.seed",
     "trust_remote_code": "model.trust_remote_code",
     "gpu_mem": "train.gpu_mem",
+    "gpus": "model.gpus",
 }
 
 
@@ -109,6 +110,7 @@ def train(
         None, "--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub. Recipe key: model.trust_remote_code."
     ),
     gpu_mem: Optional[str] = typer.Option(None, help="Memory per device the plan may use, e.g. 24GiB [default: what the device has]. Recipe key: train.gpu_mem."),
+    gpus: Optional[int] = typer.Option(None, help="Split the layers across this many GPUs (one long sequence on several cards). Recipe key: model.gpus."),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
@@ -260,7 +262,7 @@ def plan(
     base: Optional[str] = typer.Option(None, help="Base model: alias (planned offline), hub id or folder. Recipe key: model.base."),
     target_len: Optional[int] = typer.Option(None, help="New context length L'. Recipe key: rope.target_len."),
     gpu_mem: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 24GiB [default: this machine's GPU, or 24GiB]. Recipe key: train.gpu_mem."),
-    gpus: int = typer.Option(1, min=1, help="GPUs to split the layers across."),
+    gpus: Optional[int] = typer.Option(None, help="GPUs to split the layers across. Recipe key: model.gpus."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. Recipe key: train.batch_size."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank. Recipe key: lora.rank."),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set train.loss_chunk=2048 (repeatable)."),
@@ -276,7 +278,7 @@ def plan(
 
     tree = recipes_mod.read(recipes_mod.find(recipe)) if recipe else {}
     flags = {"model.base": base, "rope.target_len": target_len, "train.gpu_mem": gpu_mem,
-             "train.batch_size": batch_size, "lora.rank": rank}
+             "train.batch_size": batch_size, "lora.rank": rank, "model.gpus": gpus}
     resolved, _ = recipes_mod.resolve(tree, set_, flags, source=recipe or "flags")
     m = resolved.model
     if resolved.train.gpu_mem is None and not torch.cuda.is_available():
@@ -287,13 +289,15 @@ def plan(
     pi = rope.interpolation(config, resolved.rope.target_len, resolved.rope.scaling)
     shape = planner.Shape.of(config)
     compute_bytes = 4 if m.compute_dtype == "fp32" else 2
-    decision = planner.decide(shape, resolved, compute_bytes, cuda=True, gpus=gpus)
+    decision = planner.decide(shape, resolved, compute_bytes, cuda=True)
     title = (f"{m.base}: {pi.original_len:,} -> {pi.target_len:,} tokens, {m.quant}, LoRA r={resolved.lora.rank}, "
              f"batch {resolved.train.batch_size}")
     console.print(planner.table(decision, title))
     s = decision.estimate.settings
     console.print(f"settings: loss_chunk {s.loss_chunk}, mlp_tile {s.mlp_tile}, offload_activations "
                   f"{s.offload_activations}" + (" (auto)" if decision.chosen else ""))
+    if m.gpus > 1:
+        console.print(f"layers per GPU: {decision.split}")
     if not decision.fits:
         raise PiLoraError(planner.refusal(decision, shape, planner.auto_keys(resolved.train)))
     longest = planner.max_length(shape, s, decision.budget, True, planner.auto_keys(resolved.train))

@@ -39,8 +39,8 @@ def backward(net, ids: torch.Tensor, scale: float = 1.0, chunk: int = 4096,
     for i in range(0, targets.shape[1], chunk):
         with autocast():
             logits = head(detached[:, i : i + chunk][:, : targets.shape[1] - i]).float()
-            loss = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), targets[:, i : i + chunk].flatten(), reduction="sum"
+            loss = torch.nn.functional.cross_entropy(  # the head may sit on another GPU than the ids
+                logits.flatten(0, 1), targets[:, i : i + chunk].flatten().to(logits.device), reduction="sum"
             )
         (loss * (scale / count)).backward()
         total += loss.item()

@@ -154,8 +154,36 @@ def _library_errors(base: str):
         raise PiLoraError(f"cannot load '{base}': {first_line(e)}") from e
 
 
-def load_base(section, config, on: torch.device, protect: bool = True):
-    """The base model with PI already in `config`, quantized as the recipe says."""
+def layer_map(config, counts: list[int]) -> dict[str, int]:
+    """An accelerate device map putting counts[g] consecutive decoder layers on GPU g.
+
+    Embeddings go to the first GPU, the final norm and head to the last; a head tied to the
+    embeddings stays with them (a tied weight lives on one device).
+    """
+    if sum(counts) != config.num_hidden_layers:
+        raise PiLoraError(f"a split of {sum(counts)} layers does not match the model's {config.num_hidden_layers}.")
+    last = len(counts) - 1
+    mapping = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": last,
+               "lm_head": 0 if getattr(config, "tie_word_embeddings", False) else last}
+    layer = 0
+    for gpu, count in enumerate(counts):
+        for _ in range(count):
+            mapping[f"model.layers.{layer}"] = gpu
+            layer += 1
+    return mapping
+
+
+def placement(on: torch.device, split: list[int] | None, config):
+    """from_pretrained's device_map: one GPU, the layers split across several, or None on a CPU."""
+    if split and len(split) > 1:
+        if torch.cuda.device_count() < len(split):
+            raise PiLoraError(f"model.gpus is {len(split)} but this machine has {torch.cuda.device_count()} GPU(s).")
+        return layer_map(config, split)
+    return {"": on.index or 0} if on.type == "cuda" else None
+
+
+def load_base(section, config, on: torch.device, protect: bool = True, split: list[int] | None = None):
+    """The base model with PI already in `config`, quantized as the recipe says, on one or `split` GPUs."""
     where = locate(section.base)
     dtype = compute_dtype(section.compute_dtype, on)
     with warnings.catch_warnings(), _library_errors(section.base):
@@ -168,7 +196,7 @@ def load_base(section, config, on: torch.device, protect: bool = True):
             dtype=dtype,
             quantization_config=quantization(section, dtype),
             attn_implementation=section.attn_implementation,
-            device_map={"": on.index or 0} if on.type == "cuda" else None,
+            device_map=placement(on, split, config),
         )
     model.config.use_cache = False
     if protect:

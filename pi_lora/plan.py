@@ -90,7 +90,7 @@ class Settings:
     gpus: int = 1
 
     @classmethod
-    def of(cls, recipe, compute_bytes: int, gpus: int = 1) -> Settings:
+    def of(cls, recipe, compute_bytes: int) -> Settings:
         t, lora = recipe.train, recipe.lora
         targets = LINEARS if lora.target_modules == "all-linear" else tuple(lora.target_modules)
         return cls(
@@ -99,7 +99,7 @@ class Settings:
             target_modules=targets, trainable=tuple(lora.trainable),
             gradient_checkpointing=recipe.model.gradient_checkpointing, loss_chunk=t.loss_chunk,
             mlp_tile=t.mlp_tile if isinstance(t.mlp_tile, int) else 0,
-            offload_activations=t.offload_activations is True, gpus=gpus,
+            offload_activations=t.offload_activations is True, gpus=recipe.model.gpus,
         )
 
 
@@ -171,13 +171,50 @@ def estimate(shape: Shape, s: Settings, cuda: bool = True) -> Estimate:
     static = sum(w.values()) + sum(t.values()) + a["checkpointed layer inputs"]
     peak = static + max(a["one layer's recompute + backward"], a["LM head + loss"])
     if s.gpus > 1:
-        # layers split across cards: each holds its share of linears and checkpoints; the first card
-        # also holds the embeddings and trained copies, the last the head and the loss
-        share = (w["base weights (linears)"] + a["checkpointed layer inputs"]) / s.gpus
-        peak = max(share + w["base weights (embeddings, head, norms)"] + sum(t.values()) + a["LM head + loss"],
-                   share + a["one layer's recompute + backward"] + sum(t.values()))
+        peak = max(loads(shape, s, parts, split(shape, s, parts)))
     offloaded = checkpoint_bytes(shape, s) if s.offload_activations else 0.0
     return Estimate(shape, s, parts, peak, float(offloaded), cuda)
+
+
+def _devices(shape: Shape, s: Settings, parts: dict) -> tuple[float, list[float], list[float]]:
+    """Bytes per layer (weights, LoRA state, checkpoint), and per device what it holds besides layers
+    and its busiest phase. The first device holds the embeddings (and a trained copy); the last the
+    final norm, the head and the loss, unless the head is tied to the embeddings and lives with them."""
+    n, N = shape.layers, s.gpus
+    per_layer = (parts["base weights (linears)"] + parts["LoRA weights, gradients, AdamW"]
+                 + parts["checkpointed layer inputs"]) / n
+    embed = shape.vocab * shape.hidden * s.compute_bytes
+    trained = parts.get("trained embed/norm copies, gradients, AdamW", 0.0)
+    layer, head = parts["one layer's recompute + backward"], parts["LM head + loss"]
+    fixed, phase = [0.0] * N, [layer] * N
+    fixed[0] += embed + trained
+    at = 0 if shape.tied else N - 1
+    fixed[at] += 0 if shape.tied else embed
+    phase[at] = max(layer, head)
+    return per_layer, fixed, phase
+
+
+def split(shape: Shape, s: Settings, parts: dict) -> list[int]:
+    """Layers per device, in order, so that the busiest device holds as little as possible."""
+    per_layer, fixed, phase = _devices(shape, s, parts)
+    base = [f + p for f, p in zip(fixed, phase)]
+    low, high = max(base), max(base) + per_layer * shape.layers
+    for _ in range(60):  # bisect the busiest device's load
+        mid = (low + high) / 2
+        room = sum(max(0, int((mid - b) // per_layer)) for b in base)
+        low, high = (low, mid) if room >= shape.layers else (mid, high)
+    counts, left = [], shape.layers
+    for b in base:
+        take = min(left, max(0, int((high - b) // per_layer)))
+        counts.append(take)
+        left -= take
+    counts[-1] += left
+    return counts
+
+
+def loads(shape: Shape, s: Settings, parts: dict, counts: list[int]) -> list[float]:
+    per_layer, fixed, phase = _devices(shape, s, parts)
+    return [f + k * per_layer + p for f, k, p in zip(fixed, counts, phase)]
 
 
 # Cheapest first: tiling costs one more MLP forward per layer; offload costs host transfers
@@ -257,8 +294,14 @@ class Decision:
     budget: float
     fits: bool
 
+    @property
+    def split(self) -> list[int]:
+        """Decoder layers per GPU when the model is split across several."""
+        e = self.estimate
+        return split(e.shape, e.settings, e.parts) if e.settings.gpus > 1 else [e.shape.layers]
 
-def decide(shape: Shape, recipe, compute_bytes: int, cuda: bool, gpus: int = 1, budget: float | None = None) -> Decision:
+
+def decide(shape: Shape, recipe, compute_bytes: int, cuda: bool, budget: float | None = None) -> Decision:
     t = recipe.train
     if t.offload_activations is True and not t.loss_chunk:
         raise PiLoraError("train.offload_activations needs train.loss_chunk > 0 (the chunked loss runs the offload).")
@@ -266,7 +309,7 @@ def decide(shape: Shape, recipe, compute_bytes: int, cuda: bool, gpus: int = 1, 
     auto = auto_keys(t)
     if not t.loss_chunk:
         auto.discard("offload_activations")
-    s = Settings.of(recipe, compute_bytes, gpus)
+    s = Settings.of(recipe, compute_bytes)
     e, changes = fit(shape, s, budget, cuda, auto)
     chosen = {"mlp_tile": e.settings.mlp_tile, "offload_activations": e.settings.offload_activations}
     return Decision(e, {k: chosen[k] for k in auto}, budget, e.needs <= budget)

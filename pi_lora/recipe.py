@@ -38,6 +38,7 @@ class ModelSection(_Section):
     compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = True
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gpus: PosInt = 1  # split the layers across this many GPUs (balanced by the memory plan)
     trust_remote_code: bool = False
 
 

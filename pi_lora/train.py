@@ -63,6 +63,11 @@ def plan_memory(recipe: Recipe, config) -> planner.Decision:
     on = model.device()
     shape = planner.Shape.of(config)
     compute_bytes = model.compute_dtype(recipe.model.compute_dtype, on).itemsize
+    if recipe.model.gpus > 1 and distributed.current().size > 1:
+        raise PiLoraError("model.gpus > 1 splits one model across GPUs; with torchrun each process has one GPU. "
+                          "Use one or the other.")
+    if recipe.model.gpus > 1 and recipe.model.gpus > torch.cuda.device_count():
+        raise PiLoraError(f"model.gpus is {recipe.model.gpus} but this machine has {torch.cuda.device_count()} GPU(s).")
     decision = planner.decide(shape, recipe, compute_bytes, on.type == "cuda")
     if not decision.fits:
         raise PiLoraError(planner.refusal(decision, shape, planner.auto_keys(recipe.train)))
@@ -191,8 +196,9 @@ def restore(checkpoint: Path, net, optimizer, sched) -> tuple[int, int]:
 
 
 def memory_gb(on: torch.device) -> float:
+    """Peak allocated on the busiest GPU of this process (several when the layers are split)."""
     if on.type == "cuda":
-        return torch.cuda.max_memory_allocated(on) / 2**30
+        return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -314,7 +320,8 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
     before = resident_gb()
     console.print(f"loading {m.base} ({m.quant}, compute {str(dtype).removeprefix('torch.')}) on {on.type}")
     try:
-        net = model.add_lora(model.load_base(m, p.config, on), p.recipe.lora, m.gradient_checkpointing)
+        base = model.load_base(m, p.config, on, split=p.memory.split if m.gpus > 1 else None)
+        net = model.add_lora(base, p.recipe.lora, m.gradient_checkpointing)
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"out of memory loading the base {m.base} ({m.quant}); try model.quant nf4.") from None
     memory.narrow(net, dtype)
