@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="only the points of this compute dtype")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per point [default: all]")
     parser.add_argument("--skip", type=int, default=0, help="skip the first SKIP points (after --dtype)")
+    parser.add_argument("--only", help="comma-separated indices into POINTS (overrides --dtype/--skip/--points)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--save", type=Path, help="also write the measurements to this JSON file")
     parser.add_argument("--reuse", type=Path, nargs="+", help="compare saved measurements with the current plan, measuring nothing")
@@ -164,6 +165,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = build_base(Path(tmp) / "llama7b-shaped", args.layers)
             chosen = [p for p in POINTS if args.dtype in (None, p[0])][args.skip:][: args.points]
+            if args.only:
+                chosen = [POINTS[int(i)] for i in args.only.split(",")]
             for point in chosen:
                 r = {**measure(folder, point, args.threads), **predict(point, args.layers)}
                 results.append((point, r))

@@ -44,5 +44,6 @@ def backward(net, ids: torch.Tensor, scale: float = 1.0, chunk: int = 4096,
             )
         (loss * (scale / count)).backward()
         total += loss.item()
+        del logits, loss  # else the last chunk's logits stay alive through the decoder's backward
     hidden.backward(detached.grad)
     return total / count

@@ -29,11 +29,18 @@ ADAM = 4 + 4 + 8  # fp32 weight, its gradient, two moments
 # Per token, per logit, for the LM head + cross-entropy: fp32 logits, log-softmax output, and in
 # backward its incoming and outgoing gradients; a 16-bit head output adds its own copy.
 LOGIT_BYTES = 12
-# One layer's recompute + backward, per token: fp32 tensors of hidden size (norm outputs, the
-# residual sum, the hidden gradient in and out), compute-dtype tensors of hidden size (q/k/v before
-# and after RoPE, attention output, o_proj/down_proj outputs, LoRA input copies) and of MLP size
-# (gate, up, silu, product, and two gradients of that size alive at once).
-LAYER_FP32_H, LAYER_DT_H, LAYER_DT_M = 6, 10, 6
+# One layer's recompute + backward, per token. Hidden-size tensors: the RMSNorms compute in fp32
+# (their internals and the hidden-state gradient), the rest (q/k/v before and after RoPE, attention
+# output, o_proj/down_proj outputs, LoRA input copies) in the compute dtype. MLP-size tensors: gate,
+# up and silu(gate) kept for backward, their gradients; in fp32 the product too. Counted from what
+# each op saves, then fitted to the peaks bench/memory.py measures (docs/benchmarks.md).
+LAYER_FP32_H, LAYER_DT_H = 8.75, 3.75
+LAYER_M_BYTES = {4: 17.5, 2: 5.8}  # bytes per MLP unit per token, by compute dtype
+# bitsandbytes dequantizes a 4-bit weight for each matmul: the largest one, forward and backward.
+DEQUANT_COPIES = 1
+# CPU only: what the libraries allocate beside the tensors (measured: 0.09 GiB). On a GPU the
+# CUDA context and allocator slack, which are not in max_memory_allocated, take its place.
+CPU_RUNTIME = 0.09 * GiB
 # GPU only: the CUDA context and allocator slack are not in max_memory_allocated.
 CUDA_RESERVE = 0.8 * GiB
 CUDA_SLACK = 0.05
@@ -129,7 +136,8 @@ def activations(shape: Shape, s: Settings) -> dict[str, float]:
     """Bytes of the step's activations: checkpoints (all live at once) and the two exclusive phases."""
     T, h, m, c = s.batch_size * s.target_len, shape.hidden, shape.intermediate, s.compute_bytes
     tile = min(s.mlp_tile, T) if s.mlp_tile else T
-    layer = T * h * (4 * LAYER_FP32_H + c * LAYER_DT_H) + tile * m * c * LAYER_DT_M
+    dequant = DEQUANT_COPIES * h * m * c if s.quant != "none" else 0
+    layer = T * h * (4 * LAYER_FP32_H + c * LAYER_DT_H) + tile * m * LAYER_M_BYTES.get(c, 17.5) + dequant
     inputs = checkpoint_bytes(shape, s)
     if not s.gradient_checkpointing:
         inputs, layer = inputs + layer * (shape.layers - 1), layer
@@ -160,6 +168,8 @@ class Estimate:
 
 def estimate(shape: Shape, s: Settings, cuda: bool = True) -> Estimate:
     w = weights(shape, s)
+    if not cuda:
+        w["library buffers (CPU)"] = CPU_RUNTIME
     lora = lora_params(shape, s) * ADAM
     t = {"LoRA weights, gradients, AdamW": float(lora)}
     extra = (shape.vocab * shape.hidden if "embed" in s.trainable else 0) + (

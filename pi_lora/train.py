@@ -300,15 +300,18 @@ def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False) ->
     fresh = not (folder / run.RECIPE).is_file()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        # on resume too: a longer train.steps must survive the next --resume
-        run.write_text(folder / run.RECIPE, f"# pi-lora {__version__}: resolved recipe\n" + dump(p.recipe))
-        if not resume:
-            run.write_json(folder / run.META, metadata(p))
-        distributed.barrier(world)
-        return _loop(p, console, ckpts[-1] if ckpts else None)
-    except BaseException:
+        with sigterm_as_interrupt():  # also while the weights load: a SIGTERM then leaves nothing
+            # on resume too: a longer train.steps must survive the next --resume
+            run.write_text(folder / run.RECIPE, f"# pi-lora {__version__}: resolved recipe\n" + dump(p.recipe))
+            if not resume:
+                run.write_json(folder / run.META, metadata(p))
+            distributed.barrier(world)
+            return _loop(p, console, ckpts[-1] if ckpts else None)
+    except BaseException as e:
         if fresh and not run.checkpoints(folder):
             shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"interrupted. {after_stop(folder)}") from None
         raise
 
 
