@@ -92,9 +92,11 @@ def test_resolved_recipe_repeats_the_run(reference_run, tmp_path):
 
 
 def spawn(argv, **env):
+    # a shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # give the child the default disposition, as a terminal would
     return subprocess.Popen(
         [sys.executable, "-m", "pi_lora", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, **env}, text=True,
+        env={**os.environ, **env}, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
