@@ -273,7 +273,7 @@ def plan(
     """
     import torch
 
-    from . import model
+    from . import model, rope
     from . import plan as planner
 
     tree = recipes_mod.read(recipes_mod.find(recipe)) if recipe else {}
@@ -284,8 +284,6 @@ def plan(
     if resolved.train.gpu_mem is None and not torch.cuda.is_available():
         resolved.train.gpu_mem = "24GiB"
     config = model.plan_config(m.base, m.revision, m.trust_remote_code)
-    from . import rope
-
     pi = rope.interpolation(config, resolved.rope.target_len, resolved.rope.scaling)
     shape = planner.Shape.of(config)
     compute_bytes = 4 if m.compute_dtype == "fp32" else 2

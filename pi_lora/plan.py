@@ -230,13 +230,13 @@ def loads(shape: Shape, s: Settings, parts: dict, counts: list[int]) -> list[flo
 
 
 # Cheapest first: tiling costs one more MLP forward per layer; offload costs host transfers
-# (overlapped on a GPU); a smaller loss chunk costs almost nothing but helps little below 4096.
+# (overlapped on a GPU).
 LADDER = (
     {},
     {"mlp_tile": 4096},
     {"offload_activations": True},
     {"mlp_tile": 4096, "offload_activations": True},
-    {"mlp_tile": 2048, "offload_activations": True, "loss_chunk": 1024},
+    {"mlp_tile": 2048, "offload_activations": True},
 )
 
 
