@@ -40,6 +40,7 @@ FLAG_KEYS = {
     "trust_remote_code": "model.trust_remote_code",
     "gpu_mem": "train.gpu_mem",
     "gpus": "model.gpus",
+    "shard": "model.shard",
 }
 
 
@@ -111,6 +112,7 @@ def train(
     ),
     gpu_mem: Optional[str] = typer.Option(None, help="Memory per device the plan may use, e.g. 24GiB [default: what the device has]. Recipe key: train.gpu_mem."),
     gpus: Optional[int] = typer.Option(None, help="Split the layers across this many GPUs (one long sequence on several cards). Recipe key: model.gpus."),
+    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Under torchrun: shard the base and the LoRA state across the processes (FSDP2), for bases too large for one card. Recipe key: model.shard."),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
@@ -118,6 +120,7 @@ def train(
     """Extend a base model by Position Interpolation and train a LoRA adapter at the new length.
 
     Data parallel on N GPUs (or CPU processes): torchrun --nproc_per_node N -m pi_lora train ...
+    (add --shard to shard the model across them).
     """
     from . import distributed, run
     from . import train as train_mod
@@ -263,6 +266,8 @@ def plan(
     target_len: Optional[int] = typer.Option(None, help="New context length L'. Recipe key: rope.target_len."),
     gpu_mem: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 24GiB [default: this machine's GPU, or 24GiB]. Recipe key: train.gpu_mem."),
     gpus: Optional[int] = typer.Option(None, help="GPUs to split the layers across. Recipe key: model.gpus."),
+    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Shard the model across --processes (FSDP2). Recipe key: model.shard."),
+    processes: int = typer.Option(1, min=1, help="torchrun processes (one per GPU) the run will use: data parallel, sharded with --shard."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. Recipe key: train.batch_size."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank. Recipe key: lora.rank."),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set train.loss_chunk=2048 (repeatable)."),
@@ -278,7 +283,7 @@ def plan(
 
     tree = recipes_mod.read(recipes_mod.find(recipe)) if recipe else {}
     flags = {"model.base": base, "rope.target_len": target_len, "train.gpu_mem": gpu_mem,
-             "train.batch_size": batch_size, "lora.rank": rank, "model.gpus": gpus}
+             "train.batch_size": batch_size, "lora.rank": rank, "model.gpus": gpus, "model.shard": shard}
     resolved, _ = recipes_mod.resolve(tree, set_, flags, source=recipe or "flags")
     m = resolved.model
     if resolved.train.gpu_mem is None and not torch.cuda.is_available():
@@ -287,7 +292,7 @@ def plan(
     pi = rope.interpolation(config, resolved.rope.target_len, resolved.rope.scaling)
     shape = planner.Shape.of(config)
     compute_bytes = 4 if m.compute_dtype == "fp32" else 2
-    decision = planner.decide(shape, resolved, compute_bytes, cuda=True)
+    decision = planner.decide(shape, resolved, compute_bytes, cuda=True, processes=processes)
     title = (f"{m.base}: {pi.original_len:,} -> {pi.target_len:,} tokens, {m.quant}, LoRA r={resolved.lora.rank}, "
              f"batch {resolved.train.batch_size}")
     console.print(planner.table(decision, title))

@@ -65,10 +65,14 @@ def shard(batches: Iterator[torch.Tensor], world: World) -> Iterator[torch.Tenso
     return itertools.islice(batches, world.rank, None, world.size) if world.size > 1 else batches
 
 
-def average(params: list[torch.Tensor], loss: float, world: World) -> float:
-    """Average the gradients of `params` and the loss over all ranks; returns the mean loss."""
+def average(params: list[torch.Tensor], loss: float, world: World, grads: bool = True) -> float:
+    """Average the gradients of `params` (unless FSDP did) and the loss over all ranks; returns the mean loss."""
     if world.size == 1:
         return loss
+    if not grads:
+        mean = torch.tensor([loss], device=params[0].device)
+        torch.distributed.all_reduce(mean)
+        return float(mean) / world.size
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
     torch.distributed.all_reduce(flat)
@@ -93,3 +97,53 @@ def gather(value, world: World) -> list:
 def barrier(world: World) -> None:
     if world.size > 1:
         torch.distributed.barrier()
+
+
+def shard_model(net) -> None:
+    """Shard a (4-bit, LoRA) causal LM over the ranks with FSDP2: every decoder layer is a unit, then
+    the decoder (embeddings, final norm) and the head. No unit wraps the whole model: the chunked loss
+    calls the decoder and the head separately, so a root unit's forward would never run and its
+    parameters never be gathered. FSDP averages the gradients (reduce-scatter) itself.
+
+    bitsandbytes keeps each 4-bit weight's quantization state on its module, so the packed bytes
+    (uint8, bnb's default storage) are sharded and gathered as plain tensors. FSDP1 would need them
+    in the float dtype of the rest of the unit (bnb_4bit_quant_storage); FSDP2 does not.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from .loss import parts
+
+    decoder, head = parts(net)
+    for layer in decoder.layers:
+        fully_shard(layer)
+    fully_shard(decoder)
+    fully_shard(head)
+
+
+def is_sharded(net) -> bool:
+    return any(hasattr(p, "full_tensor") for p in net.parameters())
+
+
+def full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors on the CPU from FSDP shards (a collective: every rank calls it); others as they are."""
+    return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for n, t in tensors.items()}
+
+
+def full_optimizer_state(net, optimizer) -> dict:
+    """The optimizer state of a sharded model, whole and keyed by parameter name (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full(net, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+    """Put whole weights and optimizer state (as `full` and `full_optimizer_state` give them) back into shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import distribute_tensor
+
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            p = params[name]
+            p.copy_(distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements))
+    set_optimizer_state_dict(net, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))

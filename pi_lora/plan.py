@@ -97,9 +97,10 @@ class Settings:
     mlp_tile: int = 0
     offload_activations: bool = False
     gpus: int = 1
+    shards: int = 1  # processes sharing the model (model.shard under torchrun)
 
     @classmethod
-    def of(cls, recipe, compute_bytes: int) -> Settings:
+    def of(cls, recipe, compute_bytes: int, processes: int = 1) -> Settings:
         t, lora = recipe.train, recipe.lora
         targets = LINEARS if lora.target_modules == "all-linear" else tuple(lora.target_modules)
         return cls(
@@ -109,6 +110,7 @@ class Settings:
             gradient_checkpointing=recipe.model.gradient_checkpointing, loss_chunk=t.loss_chunk,
             mlp_tile=t.mlp_tile if isinstance(t.mlp_tile, int) else 0,
             offload_activations=t.offload_activations is True, gpus=recipe.model.gpus,
+            shards=processes if recipe.model.shard else 1,
         )
 
 
@@ -170,14 +172,19 @@ class Estimate:
 
 def estimate(shape: Shape, s: Settings, cuda: bool = True) -> Estimate:
     w = weights(shape, s)
-    if not cuda:
-        w["library buffers (CPU)"] = CPU_RUNTIME
     lora = lora_params(shape, s) * ADAM
     t = {"LoRA weights, gradients, AdamW": float(lora)}
     extra = (shape.vocab * shape.hidden if "embed" in s.trainable else 0) + (
         (2 * shape.layers + 1) * shape.hidden if "norm" in s.trainable else 0)
     if extra:
         t["trained embed/norm copies, gradients, AdamW"] = float(extra * ADAM)
+    if s.shards > 1:  # FSDP2: 1/shards of each at rest; gathered whole while in use: the layer
+        # computing and the next (prefetched), and the embeddings or the head
+        gathered = 2 * w["base weights (linears)"] / shape.layers + shape.vocab * shape.hidden * s.compute_bytes
+        w = {k: v / s.shards for k, v in w.items()} | {"gathered by FSDP (2 layers, embeddings)": gathered}
+        t = {k: v / s.shards for k, v in t.items()}
+    if not cuda:
+        w["library buffers (CPU)"] = CPU_RUNTIME
     a = activations(shape, s)
     parts = {**w, **t, **a}
     static = sum(w.values()) + sum(t.values()) + a["checkpointed layer inputs"]
@@ -313,7 +320,8 @@ class Decision:
         return split(e.shape, e.settings, e.parts) if e.settings.gpus > 1 else [e.shape.layers]
 
 
-def decide(shape: Shape, recipe, compute_bytes: int, cuda: bool, budget: float | None = None) -> Decision:
+def decide(shape: Shape, recipe, compute_bytes: int, cuda: bool, budget: float | None = None,
+           processes: int = 1) -> Decision:
     t = recipe.train
     if t.offload_activations is True and not t.loss_chunk:
         raise PiLoraError("train.offload_activations needs train.loss_chunk > 0 (the chunked loss runs the offload).")
@@ -321,7 +329,7 @@ def decide(shape: Shape, recipe, compute_bytes: int, cuda: bool, budget: float |
     auto = auto_keys(t)
     if not t.loss_chunk:
         auto.discard("offload_activations")
-    s = Settings.of(recipe, compute_bytes)
+    s = Settings.of(recipe, compute_bytes, processes)
     e, changes = fit(shape, s, budget, cuda, auto)
     chosen = {"mlp_tile": e.settings.mlp_tile, "offload_activations": e.settings.offload_activations}
     return Decision(e, {k: chosen[k] for k in auto}, budget, e.needs <= budget)
@@ -337,7 +345,7 @@ def refusal(d: Decision, shape: Shape, auto: set[str]) -> str:
     if s.batch_size > 1:
         hints.append("train.batch_size 1 (raise train.grad_accum to keep the batch)")
     if e.cuda:
-        hints.append("more GPUs (pi-lora plan --gpus 2)")
+        hints.append("more GPUs (pi-lora plan --gpus 2, or --shard --processes 2 under torchrun)")
     if not auto >= {"mlp_tile", "offload_activations"}:
         hints.append("train.mlp_tile and train.offload_activations auto")
     return (f"this run needs {e.needs / GiB:.1f} GiB per device and has {d.budget / GiB:.1f} GiB "

@@ -39,6 +39,7 @@ class ModelSection(_Section):
     gradient_checkpointing: bool = True
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gpus: PosInt = 1  # split the layers across this many GPUs (balanced by the memory plan)
+    shard: bool = False  # under torchrun: shard the base and LoRA state across the processes (FSDP2)
     trust_remote_code: bool = False
 
 

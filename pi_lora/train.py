@@ -66,9 +66,15 @@ def plan_memory(recipe: Recipe, config) -> planner.Decision:
     if recipe.model.gpus > 1 and distributed.current().size > 1:
         raise PiLoraError("model.gpus > 1 splits one model across GPUs; with torchrun each process has one GPU. "
                           "Use one or the other.")
+    if recipe.model.shard and distributed.current().size == 1:
+        raise PiLoraError("model.shard shards the model across data-parallel processes: launch with "
+                          "torchrun --nproc_per_node N -m pi_lora train ... (or set model.shard false).")
+    if recipe.model.shard and getattr(config, "tie_word_embeddings", False):
+        raise PiLoraError(f"model.shard: {recipe.model.base} ties its head to its embeddings, which sharding "
+                          "does not support; small tied models fit one GPU without it.")
     if recipe.model.gpus > 1 and recipe.model.gpus > torch.cuda.device_count():
         raise PiLoraError(f"model.gpus is {recipe.model.gpus} but this machine has {torch.cuda.device_count()} GPU(s).")
-    decision = planner.decide(shape, recipe, compute_bytes, on.type == "cuda")
+    decision = planner.decide(shape, recipe, compute_bytes, on.type == "cuda", processes=distributed.current().size)
     if not decision.fits:
         raise PiLoraError(planner.refusal(decision, shape, planner.auto_keys(recipe.train)))
     t = recipe.train
@@ -157,17 +163,23 @@ def trainable(net) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer, sched, rng: list[dict],
                     keep: int) -> None:
-    """`rng` holds every rank's RNG state (one entry without data parallelism)."""
+    """`rng` holds every rank's RNG state (one entry without data parallelism). A sharded model's
+    weights and optimizer state are gathered whole (every rank takes part), so the checkpoint and
+    its adapter are the same files as an unsharded run's."""
     quant.check(net)
+    weights = distributed.full(trainable(net))
+    sharded = distributed.is_sharded(net)
+    optim = distributed.full_optimizer_state(net, optimizer) if sharded else optimizer.state_dict()
     if not distributed.current().main:
         return
     with run.atomic_dir(folder / run.CHECKPOINTS / f"step-{step}") as tmp:
-        net.save_pretrained(tmp / run.ADAPTER)
+        net.save_pretrained(tmp / run.ADAPTER, state_dict=weights if sharded else None)
         state = {
             "step": step,
             "sequences_seen": sequences_seen,
-            "weights": {n: p.detach().cpu() for n, p in trainable(net).items()},
-            "optimizer": optimizer.state_dict(),
+            "weights": weights,
+            "optimizer": optim,
+            "sharded": sharded,
             "scheduler": sched.state_dict(),
             "rng": rng,
         }
@@ -181,15 +193,21 @@ def restore(checkpoint: Path, net, optimizer, sched) -> tuple[int, int]:
     missing = set(params) ^ set(state["weights"])
     if missing:
         raise PiLoraError(f"checkpoint {checkpoint} does not match this model: {sorted(missing)[:3]} ...")
-    with torch.no_grad():
-        for name, value in state["weights"].items():
-            params[name].copy_(value)
     world = distributed.current()
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(rngs) != world.size:
         raise PiLoraError(f"checkpoint {checkpoint} was written by {len(rngs)} data-parallel process(es); "
                           f"resume it with the same number, not {world.size}.")
-    optimizer.load_state_dict(state["optimizer"])
+    sharded = distributed.is_sharded(net)
+    if state.get("sharded", False) != sharded:
+        raise PiLoraError(f"checkpoint {checkpoint} was written with model.shard {not sharded}; resume it the same way.")
+    if sharded:
+        distributed.load_full(net, optimizer, state["weights"], state["optimizer"])
+    else:
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     set_rng_state(rngs[world.rank])
     return state["step"], state["sequences_seen"]
@@ -333,6 +351,10 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
     params = list(trainable(net).values())
     for x in params:  # AdamW updates of ~lr vanish in 16-bit weights; autocast handles compute dtype
         x.data = x.data.float()
+    if m.shard:
+        distributed.shard_model(net)
+        params = list(trainable(net).values())  # FSDP replaced them with sharded ones
+        console.print(f"sharded (FSDP2) across {world.size} processes")
     console.print(f"trainable parameters: {sum(x.numel() for x in params):,}")
     if world.size > 1:  # same initial weights on every rank (seeded above); different dropout masks
         seed_everything(t.seed + world.rank)
@@ -355,10 +377,11 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
             for step in range(start + 1, t.steps + 1):
                 began = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                value = distributed.average(params, step_loss(net, batches, t, on, dtype), world)
+                value = distributed.average(params, step_loss(net, batches, t, on, dtype), world, not m.shard)
                 if not math.isfinite(value):
                     raise PiLoraError(f"loss became {value} at step {step}; lower train.lr or check the data.")
                 norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
                 lr = sched.get_last_lr()[0]
                 updating = True  # weights, optimizer, scheduler and RNG move together
                 optimizer.step()
@@ -386,14 +409,17 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
         except KeyboardInterrupt:
             if updating:  # cut inside an update: only the last saved checkpoint is consistent
                 done = saved
-            if done > saved:
+            # sharded: saving gathers across ranks, which a signal may have caught mid-collective;
+            # the last periodic checkpoint stays
+            if done > saved and not m.shard:
                 save_checkpoint(folder, done, done * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints)
             raise Interrupted(f"interrupted. {after_stop(folder)}") from None
         except torch.OutOfMemoryError:
             raise OutOfMemory(f"{oom_message(p, on)} {after_stop(folder)}") from None
+    weights = distributed.full(trainable(net)) if m.shard else None
     if world.main:
         with run.atomic_dir(folder / run.ADAPTER) as tmp:
-            net.save_pretrained(tmp)
+            net.save_pretrained(tmp, state_dict=weights)
     distributed.barrier(world)
     console.print(f"[green]done[/]: adapter in {folder / run.ADAPTER}, metrics in {folder / run.METRICS}")
     return folder

@@ -3,8 +3,10 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,12 +22,7 @@ def train_argv(tiny_base, corpus, out, *extra):
 
 def launch(processes: int, argv: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if processes == 1:
-        cmd = [sys.executable, "-m", "pi_lora", *argv]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "pi_lora", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(command(processes, argv), capture_output=True, text=True, env=env, timeout=600)
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -63,16 +60,78 @@ def test_two_processes_equal_one_with_accumulation(two_ranks, tiny_base, corpus,
     assert "data parallel: 2 processes" in result.stdout and result.stdout.count("trainable parameters") == 1
 
 
-def test_resume_with_two_processes_continues_exactly(two_ranks, tiny_base, corpus, tmp_path):
+def command(processes: int, argv: list[str]) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "pi_lora", *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "pi_lora", *argv]
+
+
+def test_kill_9_then_resume_with_two_processes_continues_exactly(two_ranks, tiny_base, corpus, tmp_path):
     two, _ = two_ranks
-    out = tmp_path / "resumed"
-    first = launch(2, train_argv(tiny_base, corpus, out, "--steps", "2", "--grad-accum", "1"))
-    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "killed"
+    # a long run, killed (torchrun and both workers, no chance to save) once it has a checkpoint
+    proc = subprocess.Popen(command(2, train_argv(tiny_base, corpus, out, "--steps", "1000", "--grad-accum", "1")),
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.time()
+    while not run.checkpoints(out) and proc.poll() is None and time.time() - start < 300:
+        time.sleep(0.02)
+    workers = psutil.Process(proc.pid).children(recursive=True)  # torchrun gives each its own session
+    for p in [psutil.Process(proc.pid), *workers]:
+        p.kill()
+    psutil.wait_procs(workers, timeout=30)
+    proc.wait()
+    saved = run.checkpoints(out)
+    assert saved and int(saved[-1].name.split("-")[1]) < 3, f"killed too late to test a resume: {saved}"
     wrong = launch(1, ["train", "--resume", "--output", str(out), "--steps", "3"])
-    assert wrong.returncode == 2 and "same number" in wrong.stderr
+    assert wrong.returncode == 2 and "same number" in wrong.stderr, wrong.stderr[-3000:]
     again = launch(2, ["train", "--resume", "--output", str(out), "--steps", "3"])
     assert again.returncode == 0, again.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(two)), rtol=1e-5, atol=1e-6)
     a, b = adapter(out), adapter(two)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_base, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "sharded"
+    result = launch(2, train_argv(tiny_base, corpus, out, "--steps", "3", "--grad-accum", "1", "--shard"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_sharded_two_processes_equal_one_with_accumulation(sharded, two_ranks):
+    """FSDP2 over the 4-bit base: the same losses and adapter as data parallel (itself equal to one process)."""
+    out, result = sharded
+    two, _ = two_ranks
+    assert "sharded (FSDP2) across 2 processes" in result.stdout
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(two)), rtol=1e-5, atol=1e-6)
+    a, b = adapter(out), adapter(two)
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a) and any("embed" in k for k in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    state = torch.load(run.checkpoints(out)[-1] / run.STATE, weights_only=False)
+    assert state["sharded"] and all(type(t) is torch.Tensor for t in state["weights"].values())
+
+
+def test_sharded_resume_continues_exactly(sharded, tiny_base, corpus, tmp_path):
+    full, _ = sharded
+    out = tmp_path / "resumed"
+    first = launch(2, train_argv(tiny_base, corpus, out, "--steps", "2", "--grad-accum", "1", "--shard"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    unsharded = launch(2, ["train", "--resume", "--output", str(out), "--steps", "3", "--no-shard"])
+    # each worker exits 2 with the message; torchrun itself reports 1
+    assert unsharded.returncode != 0 and "differ from the saved one: model.shard" in unsharded.stderr, unsharded.stderr[-3000:]
+    again = launch(2, ["train", "--resume", "--output", str(out), "--steps", "3"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(full)), rtol=1e-5, atol=1e-6)
+    a, b = adapter(out), adapter(full)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_shard_needs_several_processes(tiny_base, corpus, tmp_path):
+    result = launch(1, train_argv(tiny_base, corpus, tmp_path / "one", "--steps", "1", "--shard"))
+    assert result.returncode == 2 and "torchrun" in result.stderr and not (tmp_path / "one").exists()

@@ -138,11 +138,15 @@ def test_every_alias_has_a_shipped_config_with_its_shape():
 def test_shipped_recipes_fit_the_gpus_their_comments_promise():
     from pi_lora import recipe as recipes
 
+    promised = {"llama-65b-16k-fsdp": (2, 48)}  # processes, GiB per GPU; others: one 24 GB GPU
     for name, path in recipes.shipped().items():
         if name == "demo":
             continue
         r = recipes.validate(recipes.read(path))
-        d = plan.decide(plan.Shape.of(model.plan_config(r.model.base)), r, 2, cuda=True, budget=24 * GiB)
+        processes, gib = promised.get(name, (1, 24))
+        assert r.model.shard == (processes > 1), name
+        d = plan.decide(plan.Shape.of(model.plan_config(r.model.base)), r, 2, cuda=True, budget=gib * GiB,
+                        processes=processes)
         assert d.fits, f"{name}: {plan.refusal(d, d.estimate.shape, plan.auto_keys(r.train))}"
 
 
@@ -192,3 +196,24 @@ def test_train_resolves_auto_settings_into_the_saved_recipe(tiny_base, corpus, t
     assert saved["mlp_tile"] == 0 and saved["offload_activations"] is False
     assert "planned peak" in result.output and "memory after the first step" in result.output
     assert json.loads((out / "pi_lora.json").read_text())["planned_peak_gib"] > 0
+
+
+def test_sharding_divides_what_each_process_holds_and_adds_the_gathered_layers():
+    shape, T = llama7b(), 16384
+    one = plan.estimate(shape, plan.Settings(target_len=T, trainable=("embed", "norm")), cuda=True)
+    two = plan.estimate(shape, plan.Settings(target_len=T, trainable=("embed", "norm"), shards=2), cuda=True)
+    held = ["base weights (linears)", "base weights (embeddings, head, norms)", "LoRA weights, gradients, AdamW",
+            "trained embed/norm copies, gradients, AdamW"]
+    for name in held:
+        assert two.parts[name] == pytest.approx(one.parts[name] / 2), name
+    gathered = 2 * one.parts["base weights (linears)"] / 32 + 32000 * 4096 * 2  # two layers, bf16 embeddings
+    assert two.parts["gathered by FSDP (2 layers, embeddings)"] == pytest.approx(gathered)
+    assert two.peak == pytest.approx(one.peak - sum(one.parts[n] for n in held) / 2 + gathered)
+
+
+def test_plan_cli_plans_a_sharded_65b_on_two_48gib_cards():
+    alone = RUNNER.invoke(app, ["plan", "--base", "llama-65b", "--target-len", "65536", "--gpu-mem", "48GiB"])
+    sharded = RUNNER.invoke(app, ["plan", "--base", "llama-65b", "--target-len", "65536", "--gpu-mem", "48GiB",
+                                  "--shard", "--processes", "2"])
+    assert alone.exit_code == 2 and "--shard --processes 2" in alone.output, alone.output
+    assert sharded.exit_code == 0 and "gathered by FSDP" in sharded.output, sharded.output
