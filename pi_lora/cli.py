@@ -286,6 +286,11 @@ def plan(
              "train.batch_size": batch_size, "lora.rank": rank, "model.gpus": gpus, "model.shard": shard}
     resolved, _ = recipes_mod.resolve(tree, set_, flags, source=recipe or "flags")
     m = resolved.model
+    if m.shard and processes == 1:
+        raise PiLoraError("model.shard shards across torchrun processes: give their number, e.g. --processes 2.")
+    if m.gpus > 1 and processes > 1:
+        raise PiLoraError("model.gpus > 1 splits one model across GPUs; with torchrun each process has one GPU. "
+                          "Use one or the other.")
     if resolved.train.gpu_mem is None and not torch.cuda.is_available():
         resolved.train.gpu_mem = "24GiB"
     config = model.plan_config(m.base, m.revision, m.trust_remote_code)

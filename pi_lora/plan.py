@@ -163,6 +163,7 @@ class Estimate:
     peak: float  # what torch.cuda.max_memory_allocated would report on the busiest device
     offloaded: float  # host memory the offload needs
     cuda: bool
+    loading: float = 0.0  # sharded: each process loads the whole base before sharding it
 
     @property
     def needs(self) -> float:
@@ -178,10 +179,10 @@ def estimate(shape: Shape, s: Settings, cuda: bool = True) -> Estimate:
         (2 * shape.layers + 1) * shape.hidden if "norm" in s.trainable else 0)
     if extra:
         t["trained embed/norm copies, gradients, AdamW"] = float(extra * ADAM)
-    if s.shards > 1:  # FSDP2: 1/shards of each at rest; gathered whole while in use: the layer
-        # computing and the next (prefetched), and the embeddings or the head
-        gathered = 2 * w["base weights (linears)"] / shape.layers + shape.vocab * shape.hidden * s.compute_bytes
-        w = {k: v / s.shards for k, v in w.items()} | {"gathered by FSDP (2 layers, embeddings)": gathered}
+    loading = 0.0
+    if s.shards > 1:  # FSDP2: 1/shards of each at rest; gathered whole while in use
+        loading = sum(w.values()) + shape.vocab * shape.hidden * 4 * (1 if shape.tied else 2)  # + k-bit fp32 upcast
+        w = {k: v / s.shards for k, v in w.items()} | {"gathered by FSDP (2 layers, embeddings, head)": gathered(shape, s, w)}
         t = {k: v / s.shards for k, v in t.items()}
     if not cuda:
         w["library buffers (CPU)"] = CPU_RUNTIME
@@ -192,7 +193,17 @@ def estimate(shape: Shape, s: Settings, cuda: bool = True) -> Estimate:
     if s.gpus > 1:
         peak = max(loads(shape, s, parts, split(shape, s, parts)))
     offloaded = checkpoint_bytes(shape, s) if s.offload_activations else 0.0
-    return Estimate(shape, s, parts, peak, float(offloaded), cuda)
+    return Estimate(shape, s, parts, max(peak, loading), float(offloaded), cuda, loading)
+
+
+def gathered(shape: Shape, s: Settings, whole: dict[str, float]) -> float:
+    """What FSDP2 holds whole at once: the layer computing and the next (prefetched), and the decoder's
+    and the head's own parameters, which, as roots, stay whole from their forward through their
+    backward: embeddings and head in the compute dtype, and a trained embeddings copy with its fp32
+    gradient."""
+    embed = shape.vocab * shape.hidden
+    trained = 2 * embed * 4 if "embed" in s.trainable else 0
+    return 2 * whole["base weights (linears)"] / shape.layers + embed * s.compute_bytes * 2 + trained
 
 
 def _devices(shape: Shape, s: Settings, parts: dict) -> tuple[float, list[float], list[float]]:
@@ -338,6 +349,10 @@ def decide(shape: Shape, recipe, compute_bytes: int, cuda: bool, budget: float |
 def refusal(d: Decision, shape: Shape, auto: set[str]) -> str:
     """Why a run cannot fit, and what would make it fit."""
     e, s = d.estimate, d.estimate.settings
+    if e.loading and e.loading * (1 + CUDA_SLACK) + CUDA_RESERVE > d.budget:
+        return (f"each process loads the whole 4-bit base ({e.loading / GiB:.1f} GiB) before sharding it, and a "
+                f"device has {d.budget / GiB:.1f} GiB. Options: GPUs with more memory; model.gpus to split the "
+                "layers across the GPUs of one process instead. See: pi-lora plan.")
     biggest = sorted(e.parts.items(), key=lambda kv: -kv[1])[:3]
     parts = ", ".join(f"{name} {v / GiB:.1f} GiB" for name, v in biggest)
     longest = max_length(shape, s, d.budget, e.cuda, auto | {"mlp_tile", "offload_activations"})
@@ -371,4 +386,6 @@ def table(d: Decision, title: str):
         grid.add_row("+ CUDA context and allocator slack", f"{(e.needs - e.peak) / GiB:.2f}")
     if e.offloaded:
         grid.add_row("[dim]host memory for offloaded activations[/]", f"[dim]{e.offloaded / GiB:.2f}[/]")
+    if e.loading:
+        grid.add_row("[dim]whole base while loading, before sharding (a peak if larger)[/]", f"[dim]{e.loading / GiB:.2f}[/]")
     return grid

@@ -22,11 +22,12 @@ def linear4bit_layers(model):
     except ImportError:
         return []
     # the real bitsandbytes layer, not peft's lora.Linear4bit wrapper around it
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight, "quant_state", None) is not None
-    ]
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and state(m) is not None]
+
+
+def state(layer):
+    """A 4-bit layer's quantization state; the layer keeps it too, as FSDP swaps the weight for a shard."""
+    return getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
 
 
 def protect(model) -> int:
@@ -39,7 +40,7 @@ def protect(model) -> int:
 
 def repacked(model) -> int:
     """How many 4-bit layers were repacked (and so give wrong gradients and wrong merges)."""
-    return sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in linear4bit_layers(model))
+    return sum(bool(getattr(state(m), "packing_format_for_cpu", False)) for m in linear4bit_layers(model))
 
 
 def check(model) -> None:

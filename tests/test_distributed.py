@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from pi_lora import run
 
+STEPS = 6  # a killed run must stop before this; steps are cheap next to a launch
+
 
 def train_argv(tiny_base, corpus, out, *extra):
     return ["train", "--base", str(tiny_base), "--target-len", "256", "--data", str(corpus), "--output", str(out),
@@ -36,7 +38,7 @@ def losses(folder: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def two_ranks(tiny_base, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "two"
-    result = launch(2, train_argv(tiny_base, corpus, out, "--steps", "3", "--grad-accum", "1"))
+    result = launch(2, train_argv(tiny_base, corpus, out, "--steps", str(STEPS), "--grad-accum", "1"))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -44,7 +46,7 @@ def two_ranks(tiny_base, corpus, tmp_path_factory):
 def test_two_processes_equal_one_with_accumulation(two_ranks, tiny_base, corpus, tmp_path):
     two, result = two_ranks
     one = tmp_path / "one"
-    single = launch(1, train_argv(tiny_base, corpus, one, "--steps", "3", "--grad-accum", "2"))
+    single = launch(1, train_argv(tiny_base, corpus, one, "--steps", str(STEPS), "--grad-accum", "2"))
     assert single.returncode == 0, single.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=1e-5, atol=1e-6)
     a, b = adapter(two), adapter(one)
@@ -54,8 +56,8 @@ def test_two_processes_equal_one_with_accumulation(two_ranks, tiny_base, corpus,
     assert not torch.equal(a[next(k for k in a if "lora_B" in k)], torch.zeros(1))  # it did train
     # sequences_seen counts both ranks' sequences; rank 0 alone wrote: one metrics row per step
     state = torch.load(run.checkpoints(two)[-1] / run.STATE, weights_only=False)
-    assert state["sequences_seen"] == 6 and len(state["rng"]) == 2
-    assert [r["step"] for r in run.read_metrics(two)] == [1, 2, 3]
+    assert state["sequences_seen"] == 2 * STEPS and len(state["rng"]) == 2
+    assert [r["step"] for r in run.read_metrics(two)] == list(range(1, STEPS + 1))
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert "data parallel: 2 processes" in result.stdout and result.stdout.count("trainable parameters") == 1
 
@@ -77,16 +79,18 @@ def test_kill_9_then_resume_with_two_processes_continues_exactly(two_ranks, tiny
     start = time.time()
     while not run.checkpoints(out) and proc.poll() is None and time.time() - start < 300:
         time.sleep(0.02)
-    workers = psutil.Process(proc.pid).children(recursive=True)  # torchrun gives each its own session
-    for p in [psutil.Process(proc.pid), *workers]:
+    assert proc.poll() is None, "the run ended before it could be killed"
+    launcher = psutil.Process(proc.pid)
+    workers = launcher.children(recursive=True)  # torchrun gives each its own session
+    for p in [launcher, *workers]:
         p.kill()
     psutil.wait_procs(workers, timeout=30)
     proc.wait()
     saved = run.checkpoints(out)
-    assert saved and int(saved[-1].name.split("-")[1]) < 3, f"killed too late to test a resume: {saved}"
-    wrong = launch(1, ["train", "--resume", "--output", str(out), "--steps", "3"])
+    assert saved and int(saved[-1].name.split("-")[1]) < STEPS, f"killed too late to test a resume: {saved}"
+    wrong = launch(1, ["train", "--resume", "--output", str(out), "--steps", str(STEPS)])
     assert wrong.returncode == 2 and "same number" in wrong.stderr, wrong.stderr[-3000:]
-    again = launch(2, ["train", "--resume", "--output", str(out), "--steps", "3"])
+    again = launch(2, ["train", "--resume", "--output", str(out), "--steps", str(STEPS)])
     assert again.returncode == 0, again.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(two)), rtol=1e-5, atol=1e-6)
     a, b = adapter(out), adapter(two)
@@ -97,7 +101,7 @@ def test_kill_9_then_resume_with_two_processes_continues_exactly(two_ranks, tiny
 @pytest.fixture(scope="module")
 def sharded(tiny_base, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp") / "sharded"
-    result = launch(2, train_argv(tiny_base, corpus, out, "--steps", "3", "--grad-accum", "1", "--shard"))
+    result = launch(2, train_argv(tiny_base, corpus, out, "--steps", str(STEPS), "--grad-accum", "1", "--shard"))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -121,10 +125,10 @@ def test_sharded_resume_continues_exactly(sharded, tiny_base, corpus, tmp_path):
     out = tmp_path / "resumed"
     first = launch(2, train_argv(tiny_base, corpus, out, "--steps", "2", "--grad-accum", "1", "--shard"))
     assert first.returncode == 0, first.stderr[-3000:]
-    unsharded = launch(2, ["train", "--resume", "--output", str(out), "--steps", "3", "--no-shard"])
+    unsharded = launch(2, ["train", "--resume", "--output", str(out), "--steps", str(STEPS), "--no-shard"])
     # each worker exits 2 with the message; torchrun itself reports 1
     assert unsharded.returncode != 0 and "differ from the saved one: model.shard" in unsharded.stderr, unsharded.stderr[-3000:]
-    again = launch(2, ["train", "--resume", "--output", str(out), "--steps", "3"])
+    again = launch(2, ["train", "--resume", "--output", str(out), "--steps", str(STEPS)])
     assert again.returncode == 0, again.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(full)), rtol=1e-5, atol=1e-6)
     a, b = adapter(out), adapter(full)

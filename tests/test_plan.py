@@ -206,9 +206,24 @@ def test_sharding_divides_what_each_process_holds_and_adds_the_gathered_layers()
             "trained embed/norm copies, gradients, AdamW"]
     for name in held:
         assert two.parts[name] == pytest.approx(one.parts[name] / 2), name
-    gathered = 2 * one.parts["base weights (linears)"] / 32 + 32000 * 4096 * 2  # two layers, bf16 embeddings
-    assert two.parts["gathered by FSDP (2 layers, embeddings)"] == pytest.approx(gathered)
+    # two layers; bf16 embeddings and head; the trained fp32 embeddings copy and its gradient
+    gathered = 2 * one.parts["base weights (linears)"] / 32 + 2 * 32000 * 4096 * 2 + 2 * 32000 * 4096 * 4
+    assert two.parts["gathered by FSDP (2 layers, embeddings, head)"] == pytest.approx(gathered)
     assert two.peak == pytest.approx(one.peak - sum(one.parts[n] for n in held) / 2 + gathered)
+    # every process first loads the whole base: 7B fits, so that is not the peak here
+    assert two.loading == pytest.approx(one.parts["base weights (linears)"]
+                                        + one.parts["base weights (embeddings, head, norms)"] + 2 * 32000 * 4096 * 4)
+    assert two.loading < two.peak
+
+
+def test_a_sharded_base_must_still_load_whole_on_each_gpu():
+    sharded = RUNNER.invoke(app, ["plan", "--base", "llama-65b", "--target-len", "16384", "--gpu-mem", "24GiB",
+                                  "--shard", "--processes", "4"])
+    assert sharded.exit_code == 2 and "loads the whole 4-bit base" in sharded.output, sharded.output
+    alone = RUNNER.invoke(app, ["plan", "--base", "llama-65b", "--target-len", "16384", "--shard"])
+    assert alone.exit_code == 2 and "--processes" in alone.output, alone.output
+    both = RUNNER.invoke(app, ["plan", "--base", "llama-7b", "--target-len", "16384", "--gpus", "2", "--processes", "2"])
+    assert both.exit_code == 2 and "one or the other" in both.output, both.output
 
 
 def test_plan_cli_plans_a_sharded_65b_on_two_48gib_cards():
