@@ -69,6 +69,23 @@ def command(processes: int, argv: list[str]) -> list[str]:
             "-m", "pi_lora", *argv]
 
 
+def test_accelerate_launch_equals_torchrun(two_ranks, tiny_base, corpus, tmp_path):
+    """The README's accelerate command; --multi_gpu is what makes it start N processes on a CPU too."""
+    two, _ = two_ranks
+    out = tmp_path / "accelerate"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "pi_lora", *train_argv(tiny_base, corpus, out, "--steps", str(STEPS), "--grad-accum", "1")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data parallel: 2 processes" in result.stdout
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(two)), rtol=1e-5, atol=1e-6)
+    a, b = adapter(out), adapter(two)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_kill_9_then_resume_with_two_processes_continues_exactly(two_ranks, tiny_base, corpus, tmp_path):
     two, _ = two_ranks
     out = tmp_path / "killed"
