@@ -35,6 +35,16 @@ def losses(folder: Path) -> list[float]:
     return [r["loss"] for r in run.read_metrics(folder)]
 
 
+def assert_same_training(out: Path, reference: Path, rtol: float = 1e-5, atol: float = 1e-7) -> dict:
+    """The same loss at every step and the same adapter tensors; returns `out`'s adapter."""
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(reference)), rtol=1e-5, atol=1e-6)
+    a, b = adapter(out), adapter(reference)
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
+    return a
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny_base, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "two"
@@ -48,11 +58,7 @@ def test_two_processes_equal_one_with_accumulation(two_ranks, tiny_base, corpus,
     one = tmp_path / "one"
     single = launch(1, train_argv(tiny_base, corpus, one, "--steps", str(STEPS), "--grad-accum", "2"))
     assert single.returncode == 0, single.stderr[-3000:]
-    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=1e-5, atol=1e-6)
-    a, b = adapter(two), adapter(one)
-    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    a = assert_same_training(two, one, rtol=1e-4, atol=1e-6)
     assert not torch.equal(a[next(k for k in a if "lora_B" in k)], torch.zeros(1))  # it did train
     # sequences_seen counts both ranks' sequences; rank 0 alone wrote: one metrics row per step
     state = torch.load(run.checkpoints(two)[-1] / run.STATE, weights_only=False)
@@ -80,10 +86,7 @@ def test_accelerate_launch_equals_torchrun(two_ranks, tiny_base, corpus, tmp_pat
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data parallel: 2 processes" in result.stdout
-    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(two)), rtol=1e-5, atol=1e-6)
-    a, b = adapter(out), adapter(two)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_training(out, two)
 
 
 def test_kill_9_then_resume_with_two_processes_continues_exactly(two_ranks, tiny_base, corpus, tmp_path):
@@ -109,10 +112,7 @@ def test_kill_9_then_resume_with_two_processes_continues_exactly(two_ranks, tiny
     assert wrong.returncode == 2 and "same number" in wrong.stderr, wrong.stderr[-3000:]
     again = launch(2, ["train", "--resume", "--output", str(out), "--steps", str(STEPS)])
     assert again.returncode == 0, again.stderr[-3000:]
-    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(two)), rtol=1e-5, atol=1e-6)
-    a, b = adapter(out), adapter(two)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_training(out, two)
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +128,8 @@ def test_sharded_two_processes_equal_one_with_accumulation(sharded, two_ranks):
     out, result = sharded
     two, _ = two_ranks
     assert "sharded (FSDP2) across 2 processes" in result.stdout
-    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(two)), rtol=1e-5, atol=1e-6)
-    a, b = adapter(out), adapter(two)
-    assert a.keys() == b.keys() and any("lora_B" in k for k in a) and any("embed" in k for k in a)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    a = assert_same_training(out, two, rtol=1e-4, atol=1e-6)
+    assert any("embed" in k for k in a)
     state = torch.load(run.checkpoints(out)[-1] / run.STATE, weights_only=False)
     assert state["sharded"] and all(type(t) is torch.Tensor for t in state["weights"].values())
 
@@ -147,10 +144,7 @@ def test_sharded_resume_continues_exactly(sharded, tiny_base, corpus, tmp_path):
     assert unsharded.returncode != 0 and "differ from the saved one: model.shard" in unsharded.stderr, unsharded.stderr[-3000:]
     again = launch(2, ["train", "--resume", "--output", str(out), "--steps", str(STEPS)])
     assert again.returncode == 0, again.stderr[-3000:]
-    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(full)), rtol=1e-5, atol=1e-6)
-    a, b = adapter(out), adapter(full)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_training(out, full)
 
 
 def test_shard_needs_several_processes(tiny_base, corpus, tmp_path):
