@@ -164,8 +164,8 @@ def trainable(net) -> dict[str, torch.Tensor]:
 def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer, sched, rng: list[dict],
                     keep: int) -> None:
     """`rng` holds every rank's RNG state (one entry without data parallelism). A sharded model's
-    weights and optimizer state are gathered whole (every rank takes part), so the checkpoint and
-    its adapter are the same files as an unsharded run's."""
+    weights and optimizer state are gathered whole (every rank takes part), so its adapter is the
+    same as an unsharded run's; its optimizer state is keyed by parameter name."""
     quant.check(net)
     weights = distributed.full(trainable(net))
     sharded = distributed.is_sharded(net)
