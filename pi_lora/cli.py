@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich.console import Console
@@ -68,7 +68,8 @@ def print_overrides(overrides: dict) -> None:
 
 
 # What a resumed run may change: how long it runs and how it logs, never what it computes.
-RESUMABLE = {"train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "output"}
+RESUMABLE = {"train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "output",
+             "train.eval_every", "train.eval_sequences", "train.report_to"}
 
 
 def check_resume_changes(saved_tree: dict, resolved) -> None:
@@ -110,7 +111,7 @@ def train(
     trust_remote_code: Optional[bool] = typer.Option(
         None, "--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub. Recipe key: model.trust_remote_code."
     ),
-    gpu_mem: Optional[str] = typer.Option(None, help="Memory per device the plan may use, e.g. 24GiB [default: what the device has]. Recipe key: train.gpu_mem."),
+    gpu_mem: Optional[str] = typer.Option(None, help="Memory per device the plan may use, e.g. 24GiB \\[default: what the device has]. Recipe key: train.gpu_mem."),
     gpus: Optional[int] = typer.Option(None, help="Split the layers across this many GPUs (one long sequence on several cards). Recipe key: model.gpus."),
     shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Under torchrun: shard the base and the LoRA state across the processes (FSDP2), for bases too large for one card. Recipe key: model.shard."),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable)."),
@@ -142,12 +143,16 @@ def train(
     resolved, overrides = recipes_mod.resolve(tree, set_, flags, source=source)
     if resume:
         check_resume_changes(tree, resolved)
+        complete = train_mod.already_complete(Path(resolved.output), resolved.train.steps)
+        if complete:
+            console.print(complete)
+            return
     else:
         run.claim(Path(resolved.output), resume, overwrite)
     print_overrides(overrides)
     print_recipe(resolved)
     with train_mod.progress_bar(console) as bar:
-        prepared = train_mod.prepare(resolved, bar)
+        prepared = train_mod.prepare(resolved, bar, resume)
     train_mod.describe(prepared, console)
     try:
         train_mod.fit(prepared, console, resume, overwrite)
@@ -159,27 +164,25 @@ def train(
 @handled
 def merge(
     run_dir: Path = typer.Argument(..., help="Run folder made by `pi-lora train`."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the merged model [default: RUN_DIR/merged]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the merged model \\[default: RUN_DIR/merged]."),
     base: Optional[str] = typer.Option(None, help="Where the base is (overrides the run's pi_lora.json), e.g. a local copy."),
-    dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 [default: the base's own]."),
-    merge_base: str = typer.Option("full", help="full: merge into the full-precision base weights. dequantized: into dequant(NF4), the weights training saw."),
+    dtype: Optional[Literal["bf16", "fp16", "fp32"]] = typer.Option(None, help="Weights of the merged model \\[default: the base's own]."),
+    merge_base: Literal["full", "dequantized"] = typer.Option("full", help="full: merge into the full-precision base weights. dequantized: into dequant(NF4), the weights training saw."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare merged logits with base + adapter after writing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     shard_gb: float = typer.Option(1.0, help="Largest output shard, in GiB; peak memory is about one shard."),
 ):
     """Merge a run's adapter into its base: a full model with the extended context in config.json."""
     from . import merge as merge_mod
+    from . import run
     from . import train as train_mod
 
-    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
-        raise PiLoraError(f"--dtype must be bf16, fp16 or fp32, not '{dtype}'.")
-    if merge_base not in ("full", "dequantized"):
-        raise PiLoraError(f"--merge-base must be full or dequantized, not '{merge_base}'.")
     if shard_gb <= 0:
         raise PiLoraError("--shard-gb must be positive.")
-    output = output or run_dir / "merged"
+    output = output or run_dir / run.MERGED
     with train_mod.progress_bar(console) as bar:
         err = merge_mod.merge(run_dir, output, base, dtype, merge_base, verify, overwrite, shard_gb, bar)
+    run.record_output(run_dir, output, "merged")
     if err is None:
         console.print("verification skipped (--no-verify)")
     elif err != err:
@@ -194,7 +197,7 @@ def merge(
 def export(
     run_dir: Path = typer.Argument(..., help="Run folder made by `pi-lora train`."),
     format: str = typer.Option("peft", "--format", help="peft: the adapter with its rope setting and a loading snippet. gguf: a merged model for llama.cpp."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (peft) or file (gguf) [default: in RUN_DIR]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (peft) or file (gguf) \\[default: in RUN_DIR]."),
     outtype: str = typer.Option("f16", help="GGUF tensor type: f16, bf16, q8_0 or f32."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="GGUF: reload it through transformers and compare logits."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
@@ -223,16 +226,16 @@ def export(
 @handled
 def eval_(
     models_: list[str] = typer.Argument(..., metavar="MODEL...", help="Run folders, merged or plain model folders, hub ids/aliases, or .gguf files."),
-    lengths: Optional[str] = typer.Option(None, help="Comma-separated lengths [default: powers of two from 2048 up to the model's length]."),
+    lengths: Optional[str] = typer.Option(None, help="Comma-separated lengths \\[default: powers of two from 2048 up to the model's length]."),
     stride: int = typer.Option(256, help="Sliding-window stride (the paper's 256)."),
-    windows: Optional[int] = typer.Option(None, help="Sliding windows at the longest length; every length is scored on the same tokens [default: 8, quick 2]."),
+    windows: Optional[int] = typer.Option(None, help="Sliding windows at the longest length; every length is scored on the same tokens \\[default: 8, quick 2]."),
     data: str = typer.Option("emozilla/pg19", help="Hub dataset id or local file/folder, as in train."),
     split: str = typer.Option("test", help="Split of a hub dataset."),
     text_field: str = typer.Option("text", help="Field holding the text."),
     rope: Optional[str] = typer.Option(None, help="none (plain RoPE) or linear:S, applied to every model; default: each model's own."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Also measure passkey retrieval."),
-    trials: Optional[int] = typer.Option(None, help="Passkey trials per position [default: 5, quick 2]."),
-    depths: Optional[int] = typer.Option(None, help="Passkey positions across the window [default: 8, quick 4]."),
+    trials: Optional[int] = typer.Option(None, help="Passkey trials per position \\[default: 5, quick 2]."),
+    depths: Optional[int] = typer.Option(None, help="Passkey positions across the window \\[default: 8, quick 4]."),
     quick: bool = typer.Option(False, "--quick", help="A short run: fewer windows, trials and positions (explicit options win)."),
     output: Path = typer.Option(Path("eval"), "--output", "-o", help="Folder for results.json and plot.png."),
 ):
@@ -264,7 +267,7 @@ def plan(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name."),
     base: Optional[str] = typer.Option(None, help="Base model: alias (planned offline), hub id or folder. Recipe key: model.base."),
     target_len: Optional[int] = typer.Option(None, help="New context length L'. Recipe key: rope.target_len."),
-    gpu_mem: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 24GiB [default: this machine's GPU, or 24GiB]. Recipe key: train.gpu_mem."),
+    gpu_mem: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 24GiB \\[default: this machine's GPU, or 24GiB]. Recipe key: train.gpu_mem."),
     gpus: Optional[int] = typer.Option(None, help="GPUs to split the layers across. Recipe key: model.gpus."),
     shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Shard the model across --processes (FSDP2). Recipe key: model.shard."),
     processes: int = typer.Option(1, min=1, help="torchrun processes (one per GPU) the run will use: data parallel, sharded with --shard."),

@@ -12,7 +12,9 @@ A run's position in the data is one number, the index of the next sequence, so r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -54,6 +56,10 @@ def open_dataset(section, files: list[Path] | None, streaming: bool):
     """A `datasets` dataset of documents (streamed or not)."""
     import datasets
 
+    if files is None:
+        from . import hub
+
+        hub.require(section.source, "dataset")
     try:
         if files is None:
             return datasets.load_dataset(
@@ -235,18 +241,95 @@ class StreamedData:
             yield torch.stack([torch.from_numpy(next(stream)) for _ in range(batch_size)])
 
 
+def streamed(section, files: list[Path] | None) -> bool:
+    return files is None if section.streaming == "auto" else section.streaming
+
+
+def token_stream(section, files: list[Path] | None, tokenizer, cache_dir: Path, progress=None) -> np.ndarray:
+    """All of a source's tokens at once: local files through the cache, a hub dataset downloaded."""
+    if files is not None:
+        return cached_tokens(section, files, tokenizer, cache_dir, progress)
+    dataset = open_dataset(section, None, streaming=False)
+    return np.fromiter(
+        (t for ids in token_ids(texts(dataset, section.text_field), tokenizer) for t in ids), dtype=np.uint32
+    )
+
+
+def split(tokens: np.ndarray, fraction: float, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out): the last `fraction` of the tokens is held out, starting at the next
+    document boundary unless that would leave less than half of it (one long document)."""
+    if not fraction:
+        return tokens, tokens[:0]
+    cut = len(tokens) - math.ceil(len(tokens) * fraction)
+    ends = np.flatnonzero(np.asarray(tokens[cut:]) == eos)
+    if len(ends) and len(tokens) - (cut + ends[0] + 1) >= (len(tokens) - cut) / 2:
+        cut += int(ends[0]) + 1
+    return tokens[:cut], tokens[cut:]
+
+
+def every_nth(dataset, fraction: float, held_out: bool):
+    """A streamed dataset's held-out documents (every round(1/fraction)-th) or the others. Filtered
+    before any shuffle, so a document is on the same side in every epoch."""
+    n = max(2, round(1 / fraction))
+    return dataset.filter(lambda row, i: (i % n == n - 1) == held_out, with_indices=True)
+
+
 def load(section, tokenizer, length: int, seed: int, cache_dir: Path, progress=None):
-    """Packed training data for `section`, as PackedData (local, cached) or StreamedData (hub)."""
+    """Packed training data for `section` (held-out data excluded), as PackedData (local, cached)
+    or StreamedData (hub)."""
     files = local_files(section.source)
-    streaming = files is None if section.streaming == "auto" else section.streaming
-    if streaming:
+    if streamed(section, files):
         dataset = open_dataset(section, files, streaming=True)
+        if section.eval_fraction:
+            dataset = every_nth(dataset, section.eval_fraction, held_out=False)
         return StreamedData(dataset, tokenizer, section.text_field, length, seed if section.shuffle else None)
-    if files is None:
-        dataset = open_dataset(section, None, streaming=False)
-        tokens = np.fromiter(
-            (t for ids in token_ids(texts(dataset, section.text_field), tokenizer) for t in ids), dtype=np.uint32
-        )
-    else:
-        tokens = cached_tokens(section, files, tokenizer, cache_dir, progress)
-    return PackedData(tokens, length, seed, section.shuffle)
+    tokens = token_stream(section, files, tokenizer, cache_dir, progress)
+    train, _ = split(tokens, section.eval_fraction, tokenizer.eos_token_id)
+    return PackedData(train, length, seed, section.shuffle)
+
+
+def held_out(section, tokenizer, cache_dir: Path, progress=None) -> Iterator[np.ndarray] | None:
+    """The validation tokens, in pieces (documents or slices), or None when nothing is held out."""
+    if section.eval_source is not None:
+        section = section.model_copy(update={"source": section.eval_source, "split": section.eval_split,
+                                             "eval_source": None, "eval_fraction": 0.0})
+        files = local_files(section.source)
+        if files is None:  # a hub split, streamed: only what validation needs is read
+            docs = texts(open_dataset(section, None, streaming=True), section.text_field)
+            return (np.asarray(ids, dtype=np.int64) for ids in token_ids(docs, tokenizer))
+        return _slices(cached_tokens(section, files, tokenizer, cache_dir, progress))
+    if not section.eval_fraction:
+        return None
+    files = local_files(section.source)
+    if streamed(section, files):
+        dataset = every_nth(open_dataset(section, files, streaming=True), section.eval_fraction, held_out=True)
+        return (np.asarray(ids, dtype=np.int64) for ids in token_ids(texts(dataset, section.text_field), tokenizer))
+    tokens = token_stream(section, files, tokenizer, cache_dir, progress)
+    return _slices(split(tokens, section.eval_fraction, tokenizer.eos_token_id)[1])
+
+
+def _slices(tokens: np.ndarray, size: int = 1 << 16) -> Iterator[np.ndarray]:
+    for i in range(0, len(tokens), size):
+        yield np.asarray(tokens[i : i + size], dtype=np.int64)
+
+
+def validation(section, tokenizer, length: int, count: int, cache_dir: Path, progress=None) -> torch.Tensor | None:
+    """Up to `count` held-out sequences of `length` tokens, packed like the training data."""
+    pieces = held_out(section, tokenizer, cache_dir, progress)
+    if pieces is None:
+        return None
+    found = [0]
+    rows = list(itertools.islice(pack(_counting(pieces, found), length), count))
+    if not rows:
+        raise PiLoraError(f"the held-out data holds {found[0]:,} tokens, fewer than one sequence of {length}; "
+                          "raise data.eval_fraction or give a longer data.eval_source.")
+    return torch.from_numpy(np.stack(rows))
+
+
+def held_out_tokens(section, tokenizer, need: int, cache_dir: Path, progress=None) -> torch.Tensor | None:
+    """The first `need` held-out tokens (fewer when there are not as many), or None."""
+    pieces = held_out(section, tokenizer, cache_dir, progress)
+    if pieces is None:
+        return None
+    taken = list(itertools.islice(itertools.chain.from_iterable(pieces), need))
+    return torch.tensor(taken, dtype=torch.int64)

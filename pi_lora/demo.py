@@ -66,7 +66,11 @@ def build_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     return folder
 
 
-def pretrain(folder: Path, steps: int = 300, batch: int = 8, lr: float = 3e-3, seed: int = 0) -> list[float]:
+PRETRAIN = dict(steps=300, batch=8, lr=3e-3, seed=0)
+
+
+def pretrain(folder: Path, steps: int = 300, batch: int = 8, lr: float = 3e-3, seed: int = 0,
+             progress=None) -> list[float]:
     """Train the tiny model at its own length, so the demo extends a model that has learned something."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,6 +83,7 @@ def pretrain(folder: Path, steps: int = 300, batch: int = 8, lr: float = 3e-3, s
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
     model.train()
+    task = progress.add_task("demo base", total=steps) if progress else None
     losses = []
     for _ in range(steps):
         batch_ids = rows[torch.randint(len(rows), (batch,), generator=gen)]
@@ -87,20 +92,43 @@ def pretrain(folder: Path, steps: int = 300, batch: int = 8, lr: float = 3e-3, s
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+        if progress:
+            progress.update(task, advance=1, info=f"loss {losses[-1]:.3f}")
     model.save_pretrained(folder)
     return losses
 
 
-def demo_base() -> Path:
+def demo_key() -> str:
+    """What the demo base is made from (architecture, pretraining, text, library versions): a cache
+    shared by several checkouts or versions never hands one of them another's model."""
+    import hashlib
+    import json
+
+    import torch
+    import transformers
+
+    blob = json.dumps([DEMO_CONFIG, PRETRAIN, hashlib.sha256(TEXT.read_bytes()).hexdigest(),
+                       torch.__version__, transformers.__version__], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def demo_base(progress=None) -> Path:
     """The demo base model folder (tiny LLaMA pretrained at 256 tokens), built once and reused."""
-    folder = home() / "demo-base"
+    from .run import publish
+
+    folder = home() / f"demo-base-{demo_key()}"
     if (folder / "config.json").is_file():
         return folder
+    if progress is not None:
+        progress.console.print(f"building the demo base once: a tiny LLaMA pretrained at "
+                               f"{DEMO_CONFIG['max_position_embeddings']} tokens for {PRETRAIN['steps']} steps "
+                               f"(under a minute on 2 idle cores), cached in {folder}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-base-", dir=folder.parent))
     try:
         build_tiny_llama(tmp)
-        pretrain(tmp)
+        pretrain(tmp, **PRETRAIN, progress=progress)
+        publish(tmp)  # mkdtemp makes it 0700; the cache may be shared
         tmp.rename(folder)
     except OSError:
         if not (folder / "config.json").is_file():  # not a lost race with another process

@@ -47,3 +47,19 @@ def backward(net, ids: torch.Tensor, scale: float = 1.0, chunk: int = 4096,
         del logits, loss  # else the last chunk's logits stay alive through the decoder's backward
     hidden.backward(detached.grad)
     return total / count
+
+
+@torch.no_grad()
+def value(net, ids: torch.Tensor, chunk: int = 4096, autocast=contextlib.nullcontext) -> float:
+    """Mean next-token loss of `ids` with no gradients (validation), the head run in chunks as above."""
+    decoder, head = parts(net)
+    with autocast():
+        hidden = decoder(input_ids=ids).last_hidden_state
+    targets = ids[:, 1:]
+    total, chunk = 0.0, chunk or targets.shape[1]
+    for i in range(0, targets.shape[1], chunk):
+        with autocast():
+            logits = head(hidden[:, i : i + chunk][:, : targets.shape[1] - i]).float()
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets[:, i : i + chunk].flatten().to(logits.device), reduction="sum").item()
+    return total / targets.numel()

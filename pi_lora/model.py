@@ -48,8 +48,12 @@ def locate(base: str) -> str:
         if not (path / "config.json").is_file():
             raise PiLoraError(f"model folder '{base}' has no config.json.")
         return str(path)
-    if base.startswith((".", "/", "~")) or base.count("/") > 1:
-        raise PiLoraError(f"model folder '{base}' does not exist.")
+    if base.startswith((".", "/", "~")) or base.count("/") > 1 or Path(path.parts[0]).is_dir():
+        # `runs/typo` is a hub id in form, but `runs/` is a folder here: a mistyped local path
+        raise PiLoraError(f"model folder '{base}' does not exist (no such folder).")
+    from . import hub
+
+    hub.require(base, "model")
     return base
 
 

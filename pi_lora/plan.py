@@ -291,13 +291,15 @@ def max_length(shape: Shape, s: Settings, budget: float, cuda: bool, auto: set[s
 
 
 def parse_size(text: str) -> float:
-    """'24GiB', '24GB', '24G', '80 GiB', '512MiB' -> bytes (GB and G read as GiB, as GPU specs mean)."""
+    """'24GiB', '24G', '512MiB' (binary units) or '24GB', '80 GB' (decimal, 10^9) -> bytes."""
     import re
 
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
     if not match or float(match.group(1)) <= 0:
-        raise PiLoraError(f"memory size '{text}' is not like 24GiB, 80GB or 512MiB.")
-    return float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
+        raise PiLoraError(f"memory size '{text}' is not like 24GiB, 24GB (10^9 bytes) or 512MiB.")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    decimal = match.group(2) and (match.group(3) or "").upper() == "B"
+    return float(match.group(1)) * (1000 if decimal else 1024) ** power
 
 
 def device_memory(cuda: bool) -> float:

@@ -19,7 +19,7 @@ from .errors import PiLoraError, RecipeError
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
-PosFloat = Annotated[float, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
@@ -63,12 +63,18 @@ class DataSection(_Section):
     text_field: str = "text"
     streaming: Literal["auto"] | bool = "auto"  # auto: stream hub datasets, cache local files
     shuffle: bool = True
+    # held-out validation data, never trained on: the last eval_fraction of a local source's tokens
+    # (from a document boundary), or every round(1/eval_fraction)-th document of a hub source;
+    # or a separate eval_source (file, folder or hub id; eval_split for a hub dataset)
+    eval_fraction: Fraction = 0.0
+    eval_source: str | None = None
+    eval_split: str = "validation"
 
 
 class TrainSection(_Section):
     steps: PosInt = 1000
     lr: PosFloat = 2e-5
-    warmup_steps: NonNegInt = 20
+    warmup_steps: NonNegInt = 20  # the lr rises linearly to train.lr over these steps, from lr/warmup_steps
     schedule: Literal["constant", "cosine"] = "constant"
     batch_size: PosInt = 1
     grad_accum: PosInt = 64
@@ -83,7 +89,11 @@ class TrainSection(_Section):
     seed: int = 42
     log_every: PosInt = 1
     save_every: PosInt = 100
-    keep_checkpoints: PosInt = 2
+    keep_checkpoints: PosInt = 2  # the newest ones; the best by validation loss is kept as well
+    # validation loss at rope.target_len on the held-out data (data.eval_fraction / data.eval_source)
+    eval_every: NonNegInt = 0  # every N steps and at the end; 0: at the end only
+    eval_sequences: PosInt = 4  # held-out sequences of target_len per validation
+    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]  # event files in RUN/tensorboard
 
 
 class Recipe(_Section):

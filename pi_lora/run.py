@@ -6,6 +6,10 @@
       adapter/             PEFT adapter (incl. trained embed/norm), written at the end
       metrics.jsonl        one JSON line per logged step
       checkpoints/step-N/  adapter/ + state.pt (trainable weights, optimizer, scheduler, RNG, data position)
+      best.json            the step and checkpoint with the lowest validation loss (when validating)
+      tensorboard/         event files (train.report_to)
+      outputs.json         what merge/export/eval made from the run, and from which adapter step
+      merged/, peft/, <name>-<outtype>.gguf, eval/   those outputs, by default
 
 Every file and folder is written under a temporary name and renamed, so a kill at any moment
 leaves either the old complete thing or the new complete thing.
@@ -22,9 +26,12 @@ from pathlib import Path
 
 from .errors import PiLoraError
 
-RECIPE, META, ADAPTER, METRICS, CHECKPOINTS, STATE = (
-    "recipe.yaml", "pi_lora.json", "adapter", "metrics.jsonl", "checkpoints", "state.pt",
+RECIPE, META, ADAPTER, METRICS, CHECKPOINTS, STATE, BEST, OUTPUTS = (
+    "recipe.yaml", "pi_lora.json", "adapter", "metrics.jsonl", "checkpoints", "state.pt", "best.json",
+    "outputs.json",
 )
+# What later commands make from a run, by default inside it, named by what they are.
+MERGED, PEFT, EVAL = "merged", "peft", "eval"
 
 
 def _umask() -> int:
@@ -102,9 +109,34 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
-def prune(folder: Path, keep: int) -> None:
+def prune(folder: Path, keep: int, protect: int | None = None) -> None:
+    """Keep the newest `keep` checkpoints, and the one of step `protect` (the best by validation)."""
     for old in checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != f"step-{protect}":
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def gguf_name(folder: Path, outtype: str) -> Path:
+    """The default GGUF file of a run: RUN/<run name>-<outtype>.gguf."""
+    return folder / f"{Path(folder).resolve().name}-{outtype}.gguf"
+
+
+def record_output(folder: Path, path: Path, kind: str) -> None:
+    """Note in the run which adapter step an output (merged model, export, evaluation) was made from."""
+    step = read_meta(folder).get("adapter_step")
+    outputs = [o for o in read_outputs(folder) if o["path"] != str(Path(path).resolve())]
+    outputs.append({"path": str(Path(path).resolve()), "kind": kind, "adapter_step": step})
+    write_json(folder / OUTPUTS, {"outputs": outputs})
+
+
+def read_outputs(folder: Path) -> list[dict]:
+    path = Path(folder) / OUTPUTS
+    return json.loads(path.read_text())["outputs"] if path.is_file() else []
+
+
+def stale_outputs(folder: Path, step: int) -> list[dict]:
+    """Outputs that still exist and were made from an adapter of another step."""
+    return [o for o in read_outputs(folder) if Path(o["path"]).exists() and o["adapter_step"] != step]
 
 
 def read_meta(folder: Path) -> dict:

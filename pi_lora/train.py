@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
 from . import __version__, data, distributed, loss, memory, model, quant, rope, run
 from . import plan as planner
@@ -36,6 +38,7 @@ class Prepared:
     pi: rope.Interpolation
     tokenizer: object
     data: object  # data.PackedData | data.StreamedData
+    validation: torch.Tensor | None  # held-out sequences of target_len, or None
     folder: Path
     memory: planner.Decision
 
@@ -44,22 +47,36 @@ class Prepared:
         """Sequences per optimizer step, over all data-parallel ranks."""
         return self.recipe.train.batch_size * self.recipe.train.grad_accum * distributed.current().size
 
+    @property
+    def settings(self) -> planner.Settings:
+        """What the run computes with: the recipe's memory settings with every `auto` resolved."""
+        return self.memory.estimate.settings
 
-def prepare(recipe: Recipe, progress: Progress | None = None) -> Prepared:
+
+def prepare(recipe: Recipe, progress: Progress | None = None, resume: bool = False) -> Prepared:
     m = recipe.model
+    if m.base == model.DEMO:
+        from .demo import demo_base
+
+        demo_base(progress)
     config = model.load_config(m.base, m.revision, m.trust_remote_code)
     pi = rope.interpolation(config, recipe.rope.target_len, recipe.rope.scaling)
     rope.apply(config, pi)
-    decision = plan_memory(recipe, config)
+    resolved = run.read_meta(Path(recipe.output)).get("resolved") if resume else None
+    decision = plan_memory(recipe, config, resolved)
     tokenizer = model.load_tokenizer(m.base, m.revision, m.trust_remote_code)
     from .demo import home
 
-    packed = data.load(recipe.data, tokenizer, pi.target_len, recipe.train.seed, home() / "tokens", progress)
-    return Prepared(recipe, config, pi, tokenizer, packed, Path(recipe.output), decision)
+    cache = home() / "tokens"
+    packed = data.load(recipe.data, tokenizer, pi.target_len, recipe.train.seed, cache, progress)
+    held_out = data.validation(recipe.data, tokenizer, pi.target_len, recipe.train.eval_sequences, cache, progress)
+    return Prepared(recipe, config, pi, tokenizer, packed, held_out, Path(recipe.output), decision)
 
 
-def plan_memory(recipe: Recipe, config) -> planner.Decision:
-    """Run the memory plan before any weight is loaded: resolve `auto` settings, refuse what cannot fit."""
+def plan_memory(recipe: Recipe, config, resolved: dict | None = None) -> planner.Decision:
+    """Run the memory plan before any weight is loaded: resolve `auto` settings (or take the ones a
+    resumed run resolved, so it computes exactly as before), refuse what cannot fit. The recipe keeps
+    `auto`, so the same recipe re-plans on another GPU."""
     on = model.device()
     shape = planner.Shape.of(config)
     compute_bytes = model.compute_dtype(recipe.model.compute_dtype, on).itemsize
@@ -74,12 +91,10 @@ def plan_memory(recipe: Recipe, config) -> planner.Decision:
                           "does not support; small tied models fit one GPU without it.")
     if recipe.model.gpus > 1 and recipe.model.gpus > torch.cuda.device_count():
         raise PiLoraError(f"model.gpus is {recipe.model.gpus} but this machine has {torch.cuda.device_count()} GPU(s).")
-    decision = planner.decide(shape, recipe, compute_bytes, on.type == "cuda", processes=distributed.current().size)
+    planned = recipe.model_copy(update={"train": recipe.train.model_copy(update=resolved or {})})
+    decision = planner.decide(shape, planned, compute_bytes, on.type == "cuda", processes=distributed.current().size)
     if not decision.fits:
-        raise PiLoraError(planner.refusal(decision, shape, planner.auto_keys(recipe.train)))
-    t = recipe.train
-    t.mlp_tile = decision.estimate.settings.mlp_tile
-    t.offload_activations = decision.estimate.settings.offload_activations
+        raise PiLoraError(planner.refusal(decision, shape, planner.auto_keys(planned.train)))
     return decision
 
 
@@ -96,6 +111,12 @@ def describe(p: Prepared, console: Console) -> None:
         f"[bold]budget[/]: {t.steps} steps x {t.batch_size} x {t.grad_accum} accum = {need} sequences, "
         f"{need * pi.target_len:,} tokens{epochs}"
     )
+    if t.steps < t.warmup_steps:
+        console.print(f"[yellow]warning[/]: train.steps ({t.steps}) is shorter than train.warmup_steps "
+                      f"({t.warmup_steps}): the learning rate never reaches train.lr ({t.lr:g}).")
+    if p.validation is not None:
+        console.print(f"[bold]validation[/]: {len(p.validation)} held-out sequences of {pi.target_len} tokens, "
+                      f"every {t.eval_every or t.steps} steps and at the end")
     d = p.memory
     chosen = ", ".join(f"{k} {v}" for k, v in d.chosen.items()) or "none"
     console.print(
@@ -122,6 +143,8 @@ def metadata(p: Prepared) -> dict:
         "compute_dtype": str(model.compute_dtype(p.recipe.model.compute_dtype, model.device())).removeprefix("torch."),
         "trainable": p.recipe.lora.trainable,
         "planned_peak_gib": round(p.memory.estimate.peak / planner.GiB, 3),
+        # the recipe may say `auto`; a resume computes with what this run resolved
+        "resolved": {"mlp_tile": p.settings.mlp_tile, "offload_activations": p.settings.offload_activations},
         "pi_lora_version": __version__,
         "transformers_version": transformers.__version__,
         "peft_version": peft.__version__,
@@ -129,11 +152,18 @@ def metadata(p: Prepared) -> dict:
 
 
 def scheduler(optimizer, t):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    """Linear warmup to train.lr that starts at lr/warmup_steps, not 0 (a step at lr 0 trains
+    nothing), then constant, or cosine down to 0 at train.steps."""
 
-    if t.schedule == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps)
-    return get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
+    def factor(done: int) -> float:  # `done`: optimizer steps taken so far
+        if done < t.warmup_steps:
+            return (done + 1) / t.warmup_steps
+        if t.schedule == "cosine":
+            progress = min(1.0, (done - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def rng_state() -> dict:
@@ -162,10 +192,11 @@ def trainable(net) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer, sched, rng: list[dict],
-                    keep: int) -> None:
+                    keep: int, best: dict | None = None) -> None:
     """`rng` holds every rank's RNG state (one entry without data parallelism). A sharded model's
     weights and optimizer state are gathered whole (every rank takes part), so its adapter is the
-    same as an unsharded run's; its optimizer state is keyed by parameter name."""
+    same as an unsharded run's; its optimizer state is keyed by parameter name. `best` is the best
+    validation so far ({"step", "val_loss"}); its checkpoint survives pruning."""
     quant.check(net)
     weights = distributed.full(trainable(net))
     sharded = distributed.is_sharded(net)
@@ -182,9 +213,12 @@ def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer
             "sharded": sharded,
             "scheduler": sched.state_dict(),
             "rng": rng,
+            "best": best,
         }
         torch.save(state, tmp / run.STATE)
-    run.prune(folder, keep)
+    if best is not None and best["step"] == step:
+        run.write_json(folder / run.BEST, {**best, "checkpoint": f"{run.CHECKPOINTS}/step-{step}"})
+    run.prune(folder, keep, protect=best["step"] if best else None)
 
 
 def restore(checkpoint: Path, net, optimizer, sched) -> tuple[int, int]:
@@ -210,10 +244,10 @@ def restore(checkpoint: Path, net, optimizer, sched) -> tuple[int, int]:
         optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     set_rng_state(rngs[world.rank])
-    return state["step"], state["sequences_seen"]
+    return state["step"], state["sequences_seen"], state.get("best")
 
 
-def memory_gb(on: torch.device) -> float:
+def memory_gib(on: torch.device) -> float:
     """Peak allocated on the busiest GPU of this process (several when the layers are split)."""
     if on.type == "cuda":
         return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
@@ -228,7 +262,7 @@ def resident_gb() -> float:
 
 def compare_memory(p: Prepared, on: torch.device, before_gb: float) -> str:
     """Planned against measured peak, after the first step (on a CPU: growth of resident memory)."""
-    measured = memory_gb(on) - (0 if on.type == "cuda" else before_gb)
+    measured = memory_gib(on) - (0 if on.type == "cuda" else before_gb)
     planned = p.memory.estimate.peak / planner.GiB
     kind = "max allocated" if on.type == "cuda" else "resident memory growth"
     return f"memory after the first step: {measured:.2f} GiB measured ({kind}), {planned:.2f} GiB planned"
@@ -236,7 +270,7 @@ def compare_memory(p: Prepared, on: torch.device, before_gb: float) -> str:
 
 def oom_message(p: Prepared, on: torch.device) -> str:
     total = torch.cuda.get_device_properties(on).total_memory / 2**30 if on.type == "cuda" else 0
-    peak = memory_gb(on)
+    peak = memory_gib(on)
     return (
         f"out of memory at length {p.pi.target_len} x batch {p.recipe.train.batch_size} "
         f"(device has {total:.1f} GiB, peak allocated {peak:.1f} GiB). To use less: "
@@ -260,14 +294,13 @@ def autocast(on: torch.device, dtype: torch.dtype):
     return torch.autocast(on.type, dtype=dtype)
 
 
-def step_loss(net, batches, t, on: torch.device, dtype: torch.dtype) -> float:
+def step_loss(net, batches, t, on: torch.device, dtype: torch.dtype, offload: bool = False) -> float:
     """One optimizer step's worth of forward/backward; returns the mean loss."""
     total = 0.0
     for _ in range(t.grad_accum):
         ids = next(batches).to(on)
         if t.loss_chunk:
-            total += loss.backward(net, ids, 1 / t.grad_accum, t.loss_chunk, lambda: autocast(on, dtype),
-                                   t.offload_activations)
+            total += loss.backward(net, ids, 1 / t.grad_accum, t.loss_chunk, lambda: autocast(on, dtype), offload)
             continue
         with autocast(on, dtype):
             value = net(input_ids=ids, labels=ids).loss
@@ -293,16 +326,35 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+class InfoColumn(ProgressColumn):
+    """A task's `info` field (the training loop's loss line); tasks without one show nothing."""
+
+    def render(self, task) -> Text:
+        return Text(str(task.fields.get("info", "")))
+
+
 def progress_bar(console: Console) -> Progress:
+    """The one progress display of every command; drawn only in a terminal."""
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
+        InfoColumn(),
+        TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
         disable=not console.is_terminal,
     )
+
+
+def already_complete(folder: Path, steps: int) -> str | None:
+    """Why a resume has nothing to do (its last checkpoint reached train.steps), or None."""
+    saved = run.checkpoints(folder)
+    done = int(saved[-1].name.removeprefix("step-")) if saved else 0
+    if done < steps:
+        return None
+    return (f"run '{folder}' is already complete: {done} steps done, train.steps is {steps}; nothing changed. "
+            f"To train longer: pi-lora train --resume --output {folder} --steps N (N > {done}).")
 
 
 def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False) -> Path:
@@ -333,12 +385,20 @@ def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False) ->
         raise
 
 
-def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
-    folder, t, m, world = p.folder, p.recipe.train, p.recipe.model, distributed.current()
-    on = model.device()
-    dtype = model.compute_dtype(m.compute_dtype, on)
-    seed_everything(t.seed)
-    before = resident_gb()
+@dataclass
+class Trainee:
+    """The model being trained and what updates it."""
+
+    net: object
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+
+
+def build(p: Prepared, console: Console, on: torch.device, dtype: torch.dtype) -> Trainee:
+    """The 4-bit base with PI, LoRA and the memory settings, its trainable weights in fp32, sharded
+    when asked, with its optimizer and schedule."""
+    m, t, world = p.recipe.model, p.recipe.train, distributed.current()
     console.print(f"loading {m.base} ({m.quant}, compute {str(dtype).removeprefix('torch.')}) on {on.type}")
     try:
         base = model.load_base(m, p.config, on, split=p.memory.split if m.gpus > 1 else None)
@@ -346,8 +406,8 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"out of memory loading the base {m.base} ({m.quant}); try model.quant nf4.") from None
     memory.narrow(net, dtype)
-    if t.mlp_tile:
-        memory.tile_mlps(net, t.mlp_tile)
+    if p.settings.mlp_tile:
+        memory.tile_mlps(net, p.settings.mlp_tile)
     params = list(trainable(net).values())
     for x in params:  # AdamW updates of ~lr vanish in 16-bit weights; autocast handles compute dtype
         x.data = x.data.float()
@@ -356,28 +416,61 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
         params = list(trainable(net).values())  # FSDP replaced them with sharded ones
         console.print(f"sharded (FSDP2) across {world.size} processes")
     console.print(f"trainable parameters: {sum(x.numel() for x in params):,}")
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    return Trainee(net, params, optimizer, scheduler(optimizer, t))
+
+
+def validate(net, sequences: torch.Tensor, chunk: int, on: torch.device, dtype: torch.dtype) -> float:
+    """Mean loss on the held-out sequences at the target length; the same value on every rank."""
+    net.eval()  # no dropout; 4-bit layers are protected from bitsandbytes' eval-mode repack
+    try:
+        losses = [loss.value(net, row[None].to(on), chunk, lambda: autocast(on, dtype)) for row in sequences]
+    finally:
+        net.train()
+    return sum(losses) / len(losses)
+
+
+def progress_info(record: dict) -> str:
+    info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"mem {record['mem_gib']:.2f} GiB")
+    if "val_loss" in record:
+        info += f"  val {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
+    return info
+
+
+def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
+    folder, t, m, world = p.folder, p.recipe.train, p.recipe.model, distributed.current()
+    on = model.device()
+    dtype = model.compute_dtype(m.compute_dtype, on)
+    seed_everything(t.seed)
+    before = resident_gb()
+    trainee = build(p, console, on, dtype)
+    net, params, optimizer, sched = trainee.net, trainee.params, trainee.optimizer, trainee.scheduler
     if world.size > 1:  # same initial weights on every rank (seeded above); different dropout masks
         seed_everything(t.seed + world.rank)
         console.print(f"data parallel: {world.size} processes, {p.per_step} sequences per step in all")
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    sched = scheduler(optimizer, t)
-    start, seen = 0, 0
+    start, seen, best = 0, 0, None
     if checkpoint is not None:
-        start, seen = restore(checkpoint, net, optimizer, sched)
+        start, seen, best = restore(checkpoint, net, optimizer, sched)
         console.print(f"resumed from {checkpoint.name} ({seen} sequences seen)")
+    tracker = None
     if world.main:
         run.truncate_metrics(folder, start)
+        from .tracking import Tracker
+
+        tracker = Tracker(folder, t.report_to, start, p.recipe.model_dump(mode="json"))
     net.train()
     batches = distributed.shard(p.data.batches(seen, t.batch_size), world)
     rng, saved, done, updating = distributed.gather(rng_state(), world), start, start, False
     tokens_per_step = p.per_step * p.pi.target_len
+    offload = p.settings.offload_activations
     with progress_bar(console) as bar, sigterm_as_interrupt():
         task = bar.add_task("train", total=t.steps, completed=start, info="")
         try:
             for step in range(start + 1, t.steps + 1):
                 began = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                value = distributed.average(params, step_loss(net, batches, t, on, dtype), world, not m.shard)
+                value = distributed.average(params, step_loss(net, batches, t, on, dtype, offload), world, not m.shard)
                 if not math.isfinite(value):
                     raise PiLoraError(f"loss became {value} at step {step}; lower train.lr or check the data.")
                 norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
@@ -391,20 +484,25 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
                 record = {
                     "step": step, "loss": value, "lr": lr, "grad_norm": float(norm),
                     "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
-                    "mem_gb": round(memory_gb(on), 3), "seconds": seconds,
+                    "mem_gib": round(memory_gib(on), 3), "seconds": seconds,
                 }
-                if world.main and (step % t.log_every == 0 or step == t.steps):
+                save = step % t.save_every == 0 or step == t.steps
+                if p.validation is not None and (step == t.steps or (t.eval_every and step % t.eval_every == 0)):
+                    record["val_loss"] = validate(net, p.validation, t.loss_chunk, on, dtype)
+                    record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+                    if best is None or record["val_loss"] < best["val_loss"]:
+                        best, save = {"step": step, "val_loss": record["val_loss"]}, True  # keep the best
+                if world.main and (step % t.log_every == 0 or step == t.steps or "val_loss" in record):
                     run.append_metrics(folder, record)
-                    info = (f"loss {value:.4f}  lr {lr:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
-                            f"mem {record['mem_gb']:.2f} GB")
-                    bar.update(task, info=info)
+                    tracker.log(record)
+                    bar.update(task, info=progress_info(record))
                     if not console.is_terminal:
-                        console.print(f"step {step}/{t.steps}  {info}")
+                        console.print(f"step {step}/{t.steps}  {progress_info(record)}")
                 bar.update(task, completed=step)
                 if step == start + 1:
                     console.print(compare_memory(p, on, before))
-                if step % t.save_every == 0 or step == t.steps:
-                    save_checkpoint(folder, step, step * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints)
+                if save:
+                    save_checkpoint(folder, step, step * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints, best)
                     saved = step
         except KeyboardInterrupt:
             if updating:  # cut inside an update: only the last saved checkpoint is consistent
@@ -412,14 +510,32 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
             # sharded: saving gathers across ranks, which a signal may have caught mid-collective;
             # the last periodic checkpoint stays
             if done > saved and not m.shard:
-                save_checkpoint(folder, done, done * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints)
+                save_checkpoint(folder, done, done * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints, best)
             raise Interrupted(f"interrupted. {after_stop(folder)}") from None
         except torch.OutOfMemoryError:
             raise OutOfMemory(f"{oom_message(p, on)} {after_stop(folder)}") from None
-    weights = distributed.full(trainable(net)) if m.shard else None
+        finally:
+            if tracker is not None:
+                tracker.close()
+    finish(p, net, console)
+    return folder
+
+
+def finish(p: Prepared, net, console: Console) -> None:
+    """Write the adapter with its model card, record its step, and name outputs it makes stale."""
+    folder, world, steps = p.folder, distributed.current(), p.recipe.train.steps
+    weights = distributed.full(trainable(net)) if p.recipe.model.shard else None
     if world.main:
         with run.atomic_dir(folder / run.ADAPTER) as tmp:
             net.save_pretrained(tmp, state_dict=weights)
+            meta = {**run.read_meta(folder), "adapter_step": steps}
+            from .card import adapter_card
+
+            (tmp / "README.md").write_text(adapter_card(meta, p.recipe, run.read_metrics(folder)))
+        run.write_json(folder / run.META, meta)
+        for output in run.stale_outputs(folder, steps):
+            console.print(f"[yellow]stale[/]: {output['path']} ({output['kind']}) was made from the adapter at "
+                          f"step {output['adapter_step']}; the adapter is now at step {steps}. Make it again "
+                          "with --overwrite.")
     distributed.barrier(world)
     console.print(f"[green]done[/]: adapter in {folder / run.ADAPTER}, metrics in {folder / run.METRICS}")
-    return folder

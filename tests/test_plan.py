@@ -113,7 +113,7 @@ def test_train_refuses_more_gpus_than_the_machine_has(tiny_base, corpus, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("text,expected", [("24GiB", 24 * GiB), ("24GB", 24 * GiB), ("80 G", 80 * GiB),
+@pytest.mark.parametrize("text,expected", [("24GiB", 24 * GiB), ("24GB", 24e9), ("80 G", 80 * GiB),
                                            ("512MiB", 512 * 2**20), ("1.5GiB", 1.5 * GiB), ("1000", 1000)])
 def test_parse_size(text, expected):
     assert plan.parse_size(text) == expected
@@ -185,7 +185,7 @@ def test_train_refuses_a_run_the_plan_says_cannot_fit(tiny_base, corpus, tmp_pat
     assert not out.exists()  # refused before anything was written
 
 
-def test_train_resolves_auto_settings_into_the_saved_recipe(tiny_base, corpus, tmp_path):
+def test_train_resolves_auto_settings_and_records_them_beside_the_recipe(tiny_base, corpus, tmp_path):
     import yaml
 
     out = tmp_path / "run"
@@ -193,7 +193,9 @@ def test_train_resolves_auto_settings_into_the_saved_recipe(tiny_base, corpus, t
                                  "--output", str(out), "--steps", "1", "--grad-accum", "1"])
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((out / "recipe.yaml").read_text())["train"]
-    assert saved["mlp_tile"] == 0 and saved["offload_activations"] is False
+    assert saved["mlp_tile"] == "auto" and saved["offload_activations"] == "auto"  # re-planned on another GPU
+    resolved = json.loads((out / "pi_lora.json").read_text())["resolved"]
+    assert resolved == {"mlp_tile": 0, "offload_activations": False}
     assert "planned peak" in result.output and "memory after the first step" in result.output
     assert json.loads((out / "pi_lora.json").read_text())["planned_peak_gib"] > 0
 

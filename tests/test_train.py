@@ -57,7 +57,7 @@ def test_run_folder_contract(reference_run, tiny_base):
     assert [c.name for c in run.checkpoints(out)] == ["step-6", "step-8"]  # keep_checkpoints: 2
     rows = run.read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 9))
-    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mem_gb"} <= set(rows[0])
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mem_gib"} <= set(rows[0])
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
@@ -199,8 +199,8 @@ def gpt2_folder(tmp_path):
     (["--set", "train.schedule=wavy"], "train.schedule:"),
     (["--resume"], "nothing to resume"),
     (["--recipe", "no-such-recipe"], "neither a file nor a shipped recipe"),
-    (["--base", "llama-7b"], "cannot load the config of 'llama-7b'"),  # offline, not in the cache
-    (["--data", "someone/no-such-dataset"], "cannot read data 'someone/no-such-dataset'"),
+    (["--base", "llama-7b"], "model 'huggyllama/llama-7b' is not in the local cache"),  # offline
+    (["--data", "someone/no-such-dataset"], "dataset 'someone/no-such-dataset' is not in the local cache"),
     (["--scaling", "yarn"], "rope.scaling:"),
 ])
 def test_bad_input_exits_2_and_leaves_nothing(change, message, tiny_base, corpus, tmp_path):
