@@ -99,7 +99,7 @@ def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name."),
     base: Optional[str] = typer.Option(None, help="Base model: alias (see `pi-lora models`), hub id or folder. Recipe key: model.base."),
     target_len: Optional[int] = typer.Option(None, help="New context length L'; PI factor is L'/L. Recipe key: rope.target_len."),
-    scaling: Optional[str] = typer.Option(None, help="Rope scaling used for PI (linear). Recipe key: rope.scaling."),
+    scaling: Optional[Literal["linear", "yarn", "ntk", "dynamic"]] = typer.Option(None, help="How positions are extended: linear (Position Interpolation, \\[default: linear]), yarn, or ntk (NTK-aware theta). Recipe key: rope.scaling."),
     data: Optional[str] = typer.Option(None, help="Hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder. Recipe key: data.source."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder. Recipe key: output."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps. Recipe key: train.steps."),
@@ -297,11 +297,12 @@ def plan(
     if resolved.train.gpu_mem is None and not torch.cuda.is_available():
         resolved.train.gpu_mem = "24GiB"
     config = model.plan_config(m.base, m.revision, m.trust_remote_code)
-    pi = rope.interpolation(config, resolved.rope.target_len, resolved.rope.scaling)
+    pi = rope.of_recipe(config, resolved.rope, model.TRAINED_LEN.get(m.base))
     shape = planner.Shape.of(config)
     compute_bytes = 4 if m.compute_dtype == "fp32" else 2
     decision = planner.decide(shape, resolved, compute_bytes, cuda=True, processes=processes)
-    title = (f"{m.base}: {pi.original_len:,} -> {pi.target_len:,} tokens, {m.quant}, LoRA r={resolved.lora.rank}, "
+    title = (f"{m.base}: {pi.base_len:,} -> {pi.target_len:,} tokens (rope {pi.rope_type}, factor {pi.factor:g}), "
+             f"{m.quant}, LoRA r={resolved.lora.rank}, "
              f"batch {resolved.train.batch_size}")
     console.print(planner.table(decision, title))
     s = decision.estimate.settings

@@ -189,15 +189,15 @@ def rename_shards(out: Path, shards: list[str], weight_map: dict[str, str]) -> d
 
 
 def write_config(source: Path, out: Path, meta: dict, dtype) -> None:
-    """config.json with PI in both the transformers-5 form and the legacy form older readers use."""
+    """config.json with the rope setting in both the transformers-5 form and the legacy form older
+    readers use (none for ntk, which is plain RoPE with a larger theta)."""
     config = json.loads((source / "config.json").read_text())
-    pi = rope.Interpolation(meta["original_len"], meta["target_len"], meta["factor"], meta["rope_type"],
-                            meta["rope_theta"])
+    pi = rope.from_meta(meta)
     config.pop("rope_theta", None)
     config["rope_parameters"] = pi.rope_parameters()
     config["rope_scaling"] = pi.rope_scaling()
-    config["rope_theta"] = pi.rope_theta
-    config["max_position_embeddings"] = pi.target_len
+    config["rope_theta"] = pi.rope_parameters()["rope_theta"]
+    config["max_position_embeddings"] = pi.max_position_embeddings()
     config.pop("quantization_config", None)
     if dtype is not None:
         config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")

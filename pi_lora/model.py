@@ -23,11 +23,17 @@ ALIASES = {
     "llama2-70b": "meta-llama/Llama-2-70b-hf",
     "llama3-8b": "meta-llama/Meta-Llama-3-8B",
     "llama3-70b": "meta-llama/Meta-Llama-3-70B",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama3.2-3b": "meta-llama/Llama-3.2-3B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "tinyllama-1.1b": "TinyLlama/TinyLlama_v1.1",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
 }
 DEMO = "demo"  # a tiny LLaMA built on this machine; see pi_lora.demo
+# Bases whose config claims more positions than they were trained at (the default rope.original_len).
+TRAINED_LEN = {"mistral-7b": 8192}
 
 
 def locate(base: str) -> str:

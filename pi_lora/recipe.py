@@ -45,7 +45,12 @@ class ModelSection(_Section):
 
 class RopeSection(_Section):
     target_len: PosInt | None = None
-    scaling: Literal["linear"] = "linear"
+    # linear: Position Interpolation; yarn; ntk (NTK-aware theta); dynamic (inference only, eval)
+    scaling: Literal["linear", "yarn", "ntk", "dynamic"] = "linear"
+    original_len: PosInt | None = None  # the base's trained length, when its config claims more (Mistral-7B: 8192)
+    beta_fast: PosFloat | None = None  # yarn only; None: transformers' defaults (32, 1, 0.1 ln s + 1)
+    beta_slow: PosFloat | None = None
+    attention_factor: PosFloat | None = None
 
 
 class LoraSection(_Section):

@@ -60,7 +60,8 @@ def prepare(recipe: Recipe, progress: Progress | None = None, resume: bool = Fal
 
         demo_base(progress)
     config = model.load_config(m.base, m.revision, m.trust_remote_code)
-    pi = rope.interpolation(config, recipe.rope.target_len, recipe.rope.scaling)
+    pi = rope.of_recipe(config, recipe.rope, model.TRAINED_LEN.get(m.base))
+    rope.check_trainable(pi)
     rope.apply(config, pi)
     resolved = run.read_meta(Path(recipe.output)).get("resolved") if resume else None
     decision = plan_memory(recipe, config, resolved)
@@ -101,8 +102,10 @@ def plan_memory(recipe: Recipe, config, resolved: dict | None = None) -> planner
 def describe(p: Prepared, console: Console) -> None:
     t, pi = p.recipe.train, p.pi
     console.print(
-        f"[bold]PI[/]: {pi.original_len} -> {pi.target_len} tokens, rope '{pi.rope_type}' factor "
-        f"{pi.factor:g}, rope_theta {pi.rope_theta:g} (kept)"
+        f"[bold]PI[/]: {pi.base_len} -> {pi.target_len} tokens, rope '{pi.rope_type}' factor "
+        f"{pi.factor:g}" + (f" over the original {pi.original_len}" if pi.base_len != pi.original_len else "")
+        + (f", rope_theta {pi.rope_theta:g} -> {pi.ntk_theta():g}" if pi.rope_type == "ntk"
+           else f", rope_theta {pi.rope_theta:g} (kept)")
     )
     need = t.steps * p.per_step
     console.print(f"[bold]data[/]: {p.data.describe()}")

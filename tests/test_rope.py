@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from transformers import AutoConfig, BloomConfig, GPT2Config, LlamaConfig, LlamaForCausalLM
@@ -82,3 +84,98 @@ def test_other_scaled_rope_is_refused():
     config = llama_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
     with pytest.raises(PiLoraError, match="dynamic"):
         rope.interpolation(config, 1024)
+
+
+# --- the other scalings, each against transformers' own rope init functions as the oracle ---
+
+def rotary(config):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    emb = LlamaRotaryEmbedding(config)
+    return emb.inv_freq, emb.attention_scaling
+
+
+def by_hand(rope_type, **params):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = llama_config(rope_parameters={"rope_type": rope_type, "rope_theta": 1e5, **params},
+                          max_position_embeddings=params.pop("max_position_embeddings", 256))
+    return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+
+
+def test_yarn_frequencies_and_attention_scaling_equal_transformers():
+    config = llama_config()
+    pi = rope.interpolation(config, 256, "yarn", beta_fast=16.0)
+    rope.apply(config, pi)
+    inv_freq, scaling = rotary(config)
+    want_freq, want_scaling = by_hand("yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=16.0)
+    torch.testing.assert_close(inv_freq, want_freq)
+    assert scaling == pytest.approx(want_scaling) == pytest.approx(0.1 * math.log(4) + 1)
+    assert pi.rope_scaling()["type"] == "yarn" and pi.rope_scaling()["original_max_position_embeddings"] == 64
+
+
+def test_ntk_raises_theta_by_the_formula():
+    config = llama_config()  # head_dim 16
+    pi = rope.interpolation(config, 256, "ntk")
+    rope.apply(config, pi)
+    theta = 1e5 * 4 ** (16 / 14)
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": pytest.approx(theta)}
+    assert config.max_position_embeddings == 256 and pi.rope_scaling() is None
+    inv_freq, _ = rotary(config)
+    torch.testing.assert_close(inv_freq, 1.0 / theta ** (torch.arange(0, 16, 2).float() / 16))
+
+
+def test_dynamic_keeps_the_trained_length_and_is_refused_for_training():
+    config = llama_config()
+    pi = rope.interpolation(config, 256, "dynamic")
+    rope.apply(config, pi)
+    assert config.rope_parameters["rope_type"] == "dynamic" and config.max_position_embeddings == 64
+    with pytest.raises(PiLoraError, match="what is trained would not be what runs"):
+        rope.check_trainable(pi)
+
+
+def test_a_llama3_base_raises_its_own_factor_keeping_its_bands():
+    params = {"rope_type": "llama3", "rope_theta": 1e5, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = llama_config(rope_parameters=params, max_position_embeddings=1024)
+    pi = rope.interpolation(config, 4096)
+    assert (pi.base_len, pi.original_len, pi.factor, pi.rope_type) == (1024, 64, 32.0, "llama3")
+    rope.apply(config, pi)
+    want, _ = by_hand("llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=64, max_position_embeddings=4096)
+    torch.testing.assert_close(rotary(config)[0], want)
+    with pytest.raises(PiLoraError, match="llama3-scaled base"):
+        rope.interpolation(llama_config(rope_parameters=params, max_position_embeddings=1024), 4096, "yarn")
+
+
+def test_a_yarn_base_raises_its_factor_against_its_original_length():
+    params = {"rope_type": "yarn", "rope_theta": 1e5, "factor": 2.0, "original_max_position_embeddings": 64,
+              "beta_fast": 8.0}
+    config = llama_config(rope_parameters=params, max_position_embeddings=128)
+    pi = rope.interpolation(config, 512)
+    assert (pi.base_len, pi.factor, pi.rope_type, pi.extra) == (128, 8.0, "yarn", {"beta_fast": 8.0})
+    rope.apply(config, pi)
+    want, _ = by_hand("yarn", factor=8.0, original_max_position_embeddings=64, beta_fast=8.0,
+                      max_position_embeddings=512)
+    torch.testing.assert_close(rotary(config)[0], want)
+
+
+def test_original_len_overrides_a_config_that_claims_more():
+    config = llama_config(max_position_embeddings=256)  # as Mistral-7B: trained to 64, claims 256
+    pi = rope.interpolation(config, 512, original_len=64)
+    assert (pi.original_len, pi.factor) == (64, 8.0)
+
+
+@pytest.mark.parametrize("params", [
+    {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8, "long_factor": [1.0] * 8,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+])
+def test_other_base_scalings_are_refused_by_name(params):
+    with pytest.raises(PiLoraError, match=params["rope_type"]):
+        rope.interpolation(llama_config(rope_parameters=params), 1024)
+
+
+def test_a_run_s_setting_comes_back_from_its_metadata():
+    pi = rope.interpolation(llama_config(), 256, "yarn", attention_factor=1.2)
+    assert rope.from_meta(pi.as_dict()) == pi
