@@ -398,26 +398,34 @@ class Trainee:
     scheduler: object
 
 
-def build(p: Prepared, console: Console, on: torch.device, dtype: torch.dtype) -> Trainee:
-    """The 4-bit base with PI, LoRA and the memory settings, its trainable weights in fp32, sharded
-    when asked, with its optimizer and schedule."""
-    m, t, world = p.recipe.model, p.recipe.train, distributed.current()
-    console.print(f"loading {m.base} ({m.quant}, compute {str(dtype).removeprefix('torch.')}) on {on.type}")
+def build_model(recipe: Recipe, config, on: torch.device, dtype: torch.dtype, settings: planner.Settings,
+                split: list[int] | None = None):
+    """The model `pi-lora train` trains, and the benchmarks measure: the base with the rope setting
+    in `config`, quantized as the recipe says, LoRA (and trained embed/norm) added, the memory
+    settings applied (narrow 16-bit activations, tiled MLPs), trainable weights in fp32."""
+    m = recipe.model
     try:
-        base = model.load_base(m, p.config, on, split=p.memory.split if m.gpus > 1 else None)
-        net = model.add_lora(base, p.recipe.lora, m.gradient_checkpointing)
+        base = model.load_base(m, config, on, split=split)
+        net = model.add_lora(base, recipe.lora, m.gradient_checkpointing)
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"out of memory loading the base {m.base} ({m.quant}); try model.quant nf4.") from None
     memory.narrow(net, dtype)
-    if p.settings.mlp_tile:
-        memory.tile_mlps(net, p.settings.mlp_tile)
-    params = list(trainable(net).values())
-    for x in params:  # AdamW updates of ~lr vanish in 16-bit weights; autocast handles compute dtype
+    if settings.mlp_tile:
+        memory.tile_mlps(net, settings.mlp_tile)
+    for x in trainable(net).values():  # AdamW updates of ~lr vanish in 16-bit weights; autocast handles compute
         x.data = x.data.float()
+    return net
+
+
+def build(p: Prepared, console: Console, on: torch.device, dtype: torch.dtype) -> Trainee:
+    """The model (build_model), sharded when asked, with its optimizer and schedule."""
+    m, t, world = p.recipe.model, p.recipe.train, distributed.current()
+    console.print(f"loading {m.base} ({m.quant}, compute {str(dtype).removeprefix('torch.')}) on {on.type}")
+    net = build_model(p.recipe, p.config, on, dtype, p.settings, p.memory.split if m.gpus > 1 else None)
     if m.shard:
         distributed.shard_model(net)
-        params = list(trainable(net).values())  # FSDP replaced them with sharded ones
         console.print(f"sharded (FSDP2) across {world.size} processes")
+    params = list(trainable(net).values())  # after sharding: FSDP replaces them with sharded ones
     console.print(f"trainable parameters: {sum(x.numel() for x in params):,}")
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     return Trainee(net, params, optimizer, scheduler(optimizer, t))
