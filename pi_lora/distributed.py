@@ -1,14 +1,10 @@
 """Data parallel training through torch.distributed, as launched by `torchrun` or `accelerate launch`.
 
 Every rank holds the whole (4-bit) model and its own LoRA copy, reads its own share of the packed
-sequences and computes gradients; the gradients of the trainable weights are averaged with one
-all-reduce per optimizer step, so every rank applies the same update and the copies stay equal.
+sequences and computes gradients. The loss module (pi_lora.loss.ChunkedLoss: one forward, one
+backward) is wrapped in torch's DistributedDataParallel, which averages the gradients of the
+trainable weights in the last micro-batch's backward; sharded runs make it FSDP2's root unit.
 Rank 0 alone logs, shows progress and writes the run folder.
-
-This is what DistributedDataParallel does, without its module wrapper: the chunked loss calls the
-decoder and the head separately and runs two backward passes per micro-batch, which DDP's reducer
-(bound to the wrapper's forward and one backward) does not allow. LoRA gradients are small, so one
-flat all-reduce after the accumulation costs little.
 """
 
 from __future__ import annotations
@@ -65,24 +61,22 @@ def shard(batches: Iterator[torch.Tensor], world: World) -> Iterator[torch.Tenso
     return itertools.islice(batches, world.rank, None, world.size) if world.size > 1 else batches
 
 
-def average(params: list[torch.Tensor], loss: float, world: World, grads: bool = True) -> float:
-    """Average the gradients of `params` (unless FSDP did) and the loss over all ranks; returns the mean loss."""
+def mean(value: float, world: World) -> float:
+    """The mean over all ranks of a number each rank computed (the logged loss)."""
     if world.size == 1:
-        return loss
-    if not grads:
-        mean = torch.tensor([loss], device=params[0].device)
-        torch.distributed.all_reduce(mean)
-        return float(mean) / world.size
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
-    torch.distributed.all_reduce(flat)
-    flat /= world.size
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
-        offset += n
-    return float(flat[-1])
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(total)
+    return float(total) / world.size
+
+
+def data_parallel(module: torch.nn.Module, on: torch.device) -> torch.nn.Module:
+    """`module` under DistributedDataParallel. Gradients are views into DDP's buckets (no second copy).
+    No broadcast at start: every rank built the same weights from the same seed, and the frozen 4-bit
+    weights need none."""
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[on.index] if on.type == "cuda" else None, gradient_as_bucket_view=True, init_sync=False,
+    )
 
 
 def gather(value, world: World) -> list:
@@ -99,11 +93,11 @@ def barrier(world: World) -> None:
         torch.distributed.barrier()
 
 
-def shard_model(net) -> None:
-    """Shard a (4-bit, LoRA) causal LM over the ranks with FSDP2: every decoder layer is a unit, then
-    the decoder (embeddings, final norm) and the head. No unit wraps the whole model: the chunked loss
-    calls the decoder and the head separately, so a root unit's forward would never run and its
-    parameters never be gathered. FSDP averages the gradients (reduce-scatter) itself.
+def shard_model(root) -> None:
+    """Shard the loss module of a (4-bit, LoRA) causal LM over the ranks with FSDP2, as torch documents
+    it: every decoder layer is a unit, the loss module the root (embeddings, final norm and head; a
+    root's parameters stay gathered from its forward through its backward). FSDP averages the
+    gradients (reduce-scatter) itself.
 
     bitsandbytes keeps each 4-bit weight's quantization state on its module, so the packed bytes
     (uint8, bnb's default storage) are sharded and gathered as plain tensors. FSDP1 would need them
@@ -113,11 +107,10 @@ def shard_model(net) -> None:
 
     from .loss import parts
 
-    decoder, head = parts(net)
+    decoder, _ = parts(root.net)
     for layer in decoder.layers:
         fully_shard(layer)
-    fully_shard(decoder)
-    fully_shard(head)
+    fully_shard(root)
 
 
 def is_sharded(net) -> bool:

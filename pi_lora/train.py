@@ -297,17 +297,20 @@ def autocast(on: torch.device, dtype: torch.dtype):
     return torch.autocast(on.type, dtype=dtype)
 
 
-def step_loss(net, batches, t, on: torch.device, dtype: torch.dtype, offload: bool = False) -> float:
-    """One optimizer step's worth of forward/backward; returns the mean loss."""
+def step_loss(model, batches, t, on: torch.device, dtype: torch.dtype, offload: bool = False) -> float:
+    """One optimizer step's worth of forward/backward; returns the mean loss. `model` is the
+    trainee's loss module (a plain causal LM is wrapped in one). Under DDP the gradients are
+    averaged across processes once, in the last micro-batch's backward."""
+    if not isinstance(model, (loss.ChunkedLoss, torch.nn.parallel.DistributedDataParallel)):
+        model = loss.ChunkedLoss(model, t.loss_chunk, offload)  # FSDP2 keeps the class (a subclass)
     total = 0.0
-    for _ in range(t.grad_accum):
+    for a in range(t.grad_accum):
         ids = next(batches).to(on)
-        if t.loss_chunk:
-            total += loss.backward(net, ids, 1 / t.grad_accum, t.loss_chunk, lambda: autocast(on, dtype), offload)
-            continue
-        with autocast(on, dtype):
-            value = net(input_ids=ids, labels=ids).loss
-        (value / t.grad_accum).backward()
+        last = a == t.grad_accum - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(on, dtype):  # the forward only; checkpoint recomputes restore it
+                value = model(ids)
+            (value / t.grad_accum).backward()
         total += value.item()
     return total / t.grad_accum
 
@@ -392,7 +395,8 @@ def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False) ->
 class Trainee:
     """The model being trained and what updates it."""
 
-    net: object
+    net: object  # the peft model (its adapter is saved)
+    model: torch.nn.Module  # its loss module, as DDP or FSDP2 wrap it: what a step calls
     params: list
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -422,22 +426,30 @@ def build(p: Prepared, console: Console, on: torch.device, dtype: torch.dtype) -
     m, t, world = p.recipe.model, p.recipe.train, distributed.current()
     console.print(f"loading {m.base} ({m.quant}, compute {str(dtype).removeprefix('torch.')}) on {on.type}")
     net = build_model(p.recipe, p.config, on, dtype, p.settings, p.memory.split if m.gpus > 1 else None)
+    step_model = loss.ChunkedLoss(net, t.loss_chunk, p.settings.offload_activations)
     if m.shard:
-        distributed.shard_model(net)
+        distributed.shard_model(step_model)
         console.print(f"sharded (FSDP2) across {world.size} processes")
+    elif world.size > 1:
+        step_model = distributed.data_parallel(step_model, on)
     params = list(trainable(net).values())  # after sharding: FSDP replaces them with sharded ones
     console.print(f"trainable parameters: {sum(x.numel() for x in params):,}")
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    return Trainee(net, params, optimizer, scheduler(optimizer, t))
+    return Trainee(net, step_model, params, optimizer, scheduler(optimizer, t))
 
 
-def validate(net, sequences: torch.Tensor, chunk: int, on: torch.device, dtype: torch.dtype) -> float:
-    """Mean loss on the held-out sequences at the target length; the same value on every rank."""
-    net.eval()  # no dropout; 4-bit layers are protected from bitsandbytes' eval-mode repack
+@torch.no_grad()
+def validate(model, sequences: torch.Tensor, on: torch.device, dtype: torch.dtype) -> float:
+    """Mean loss of the trainee's loss module on the held-out sequences at the target length (no
+    gradients; through DDP/FSDP's own forward); the same value on every rank."""
+    model.eval()  # no dropout; 4-bit layers are protected from bitsandbytes' eval-mode repack
     try:
-        losses = [loss.value(net, row[None].to(on), chunk, lambda: autocast(on, dtype)) for row in sequences]
+        losses = []
+        for row in sequences:
+            with autocast(on, dtype):
+                losses.append(model(row[None].to(on)).item())
     finally:
-        net.train()
+        model.train()
     return sum(losses) / len(losses)
 
 
@@ -456,7 +468,8 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
     seed_everything(t.seed)
     before = resident_gb()
     trainee = build(p, console, on, dtype)
-    net, params, optimizer, sched = trainee.net, trainee.params, trainee.optimizer, trainee.scheduler
+    net, step_model, params = trainee.net, trainee.model, trainee.params
+    optimizer, sched = trainee.optimizer, trainee.scheduler
     if world.size > 1:  # same initial weights on every rank (seeded above); different dropout masks
         seed_everything(t.seed + world.rank)
         console.print(f"data parallel: {world.size} processes, {p.per_step} sequences per step in all")
@@ -474,14 +487,13 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
     batches = distributed.shard(p.data.batches(seen, t.batch_size), world)
     rng, saved, done, updating = distributed.gather(rng_state(), world), start, start, False
     tokens_per_step = p.per_step * p.pi.target_len
-    offload = p.settings.offload_activations
     with progress_bar(console) as bar, sigterm_as_interrupt():
         task = bar.add_task("train", total=t.steps, completed=start, info="")
         try:
             for step in range(start + 1, t.steps + 1):
                 began = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                value = distributed.average(params, step_loss(net, batches, t, on, dtype, offload), world, not m.shard)
+                value = distributed.mean(step_loss(step_model, batches, t, on, dtype), world)
                 if not math.isfinite(value):
                     raise PiLoraError(f"loss became {value} at step {step}; lower train.lr or check the data.")
                 norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
@@ -499,7 +511,7 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
                 }
                 save = step % t.save_every == 0 or step == t.steps
                 if p.validation is not None and (step == t.steps or (t.eval_every and step % t.eval_every == 0)):
-                    record["val_loss"] = validate(net, p.validation, t.loss_chunk, on, dtype)
+                    record["val_loss"] = validate(step_model, p.validation, on, dtype)
                     record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
                     if best is None or record["val_loss"] < best["val_loss"]:
                         best, save = {"step": step, "val_loss": record["val_loss"]}, True  # keep the best
