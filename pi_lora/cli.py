@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Literal, Optional
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import recipe as recipes_mod
-from .errors import PiLoraError
+from .errors import PiLoraError, first_line
 
 app = typer.Typer(
     help="Extend a RoPE model's context window by Position Interpolation, training LoRA on a 4-bit base.",
@@ -54,6 +55,11 @@ def handled(command):
         except PiLoraError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # a full disk, a folder that cannot be written: one line, not a traceback
+            where = f": '{e.filename}'" if e.filename else ""
+            err_console.print(f"[bold red]error:[/] {e.strerror or first_line(e)}{where}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -72,16 +78,33 @@ RESUMABLE = {"train.steps", "train.log_every", "train.save_every", "train.keep_c
              "train.eval_every", "train.eval_sequences", "train.report_to"}
 
 
-def check_resume_changes(saved_tree: dict, resolved) -> None:
-    saved = recipes_mod.leaves(recipes_mod.validate(saved_tree).model_dump(mode="json"))
+def recorded_recipe(folder: Path, checkpoint) -> tuple[dict, str]:
+    """What the run computed with, and where that was recorded: the checkpoint it resumes from, else
+    pi_lora.json. Never recipe.yaml, which anyone may have edited since."""
+    from . import run
+
+    if checkpoint is not None and checkpoint[1].get("recipe"):
+        return checkpoint[1]["recipe"], f"checkpoint {checkpoint[0].name}"
+    meta = run.read_meta(folder)
+    if not isinstance(meta.get("recipe"), dict):
+        raise PiLoraError(f"'{folder / run.META}' records no recipe (a run of an older pi-lora): resuming it "
+                          "cannot be checked against what it computed. Start a new run.")
+    return meta["recipe"], run.META
+
+
+def check_resume_changes(recorded: dict, where: str, resolved) -> None:
+    """Refuse every change to what the run computes, naming the key, its old and its new value."""
+    saved = recipes_mod.leaves(recorded)
     now = recipes_mod.leaves(resolved.model_dump(mode="json"))
-    changed = [k for k in now if now[k] != saved.get(k) and k not in RESUMABLE]
-    if resolved.train.schedule == "cosine" and now["train.steps"] != saved["train.steps"]:
-        changed.append("train.steps (the cosine schedule is laid out over it)")
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
+               if now[k] != saved.get(k) and k not in RESUMABLE]
+    if resolved.train.schedule == "cosine" and now["train.steps"] != saved.get("train.steps"):
+        changed.append(f"train.steps: {saved.get('train.steps')!r} -> {now['train.steps']!r} "
+                       "(the cosine schedule is laid out over it)")
     if changed:
         raise PiLoraError(
-            f"a resumed run keeps its recipe; these differ from the saved one: {', '.join(changed)}. "
-            "Start a new run (new --output) to change them."
+            f"a resumed run keeps what it computes; these differ from what {where} recorded: "
+            f"{'; '.join(changed)}. Start a new run (new --output) to change them."
         )
 
 
@@ -141,23 +164,33 @@ def train(
         run.claim(Path(folder), resume, overwrite)
         tree, source = recipes_mod.read(Path(folder) / run.RECIPE), str(Path(folder) / run.RECIPE)
     resolved, overrides = recipes_mod.resolve(tree, set_, flags, source=source)
-    if resume:
-        check_resume_changes(tree, resolved)
-        complete = train_mod.already_complete(Path(resolved.output), resolved.train.steps)
-        if complete:
-            console.print(complete)
-            return
-    else:
-        run.claim(Path(resolved.output), resume, overwrite)
-    print_overrides(overrides)
-    print_recipe(resolved)
-    with train_mod.progress_bar(console) as bar:
-        prepared = train_mod.prepare(resolved, bar, resume)
-    train_mod.describe(prepared, console)
-    try:
-        train_mod.fit(prepared, console, resume, overwrite)
-    finally:
-        distributed.stop()
+    folder = Path(resolved.output)
+    # one writer per run folder, from now on (a new folder's parent may not exist yet: fit takes it then)
+    hold = run.writing(folder) if world.main and folder.absolute().parent.is_dir() else contextlib.nullcontext()
+    with hold:
+        run.claim(folder, resume, overwrite)
+        checkpoint = None
+        if resume:
+            checkpoint = train_mod.latest_checkpoint(folder, console)  # verified, before any weight loads
+            recorded, where = recorded_recipe(folder, checkpoint)
+            if recorded.get("model", {}).get("trust_remote_code") and trust_remote_code is not True:
+                run.require_trust({"trust_remote_code": True, "base": resolved.model.base}, False, "train --resume")
+            check_resume_changes(recorded, where, resolved)
+            complete = train_mod.already_complete(folder, resolved.train.steps, checkpoint[0] if checkpoint else None)
+            if complete:
+                console.print(complete)
+                return
+            if checkpoint is None:
+                console.print(f"[yellow]no checkpoint[/] in {folder} yet: training starts from step 0.")
+        print_overrides(overrides)
+        print_recipe(resolved)
+        with train_mod.progress_bar(console) as bar:
+            prepared = train_mod.prepare(resolved, bar, resume)
+        train_mod.describe(prepared, console)
+        try:
+            train_mod.fit(prepared, console, resume, overwrite, checkpoint)
+        finally:
+            distributed.stop()
 
 
 @app.command()
@@ -171,6 +204,7 @@ def merge(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare merged logits with base + adapter after writing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     shard_gb: float = typer.Option(1.0, help="Largest output shard, in GiB; peak memory is about one shard."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the base's own model code (needed again for a run trained with it)."),
 ):
     """Merge a run's adapter into its base: a full model with the extended context in config.json."""
     from . import merge as merge_mod
@@ -181,7 +215,8 @@ def merge(
         raise PiLoraError("--shard-gb must be positive.")
     output = output or run_dir / run.MERGED
     with train_mod.progress_bar(console) as bar:
-        err = merge_mod.merge(run_dir, output, base, dtype, merge_base, verify, overwrite, shard_gb, bar)
+        err = merge_mod.merge(run_dir, output, base, dtype, merge_base, verify, overwrite, shard_gb, bar,
+                              trust_remote_code)
     run.record_output(run_dir, output, "merged")
     if err is None:
         console.print("verification skipped (--no-verify)")

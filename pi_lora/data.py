@@ -16,7 +16,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -75,15 +74,29 @@ def open_dataset(section, files: list[Path] | None, streaming: bool):
         raise PiLoraError(f"cannot read data '{section.source}': {first_line(cause)}") from e
 
 
-def texts(dataset, field: str) -> Iterator[str]:
-    for row in dataset:
+def texts(dataset, field: str, skip: bool = False, counts: dict | None = None) -> Iterator[str]:
+    """Each row's text. A row whose text field is missing or null is an error naming the row, or, with
+    `skip` (data.skip_bad_rows), skipped and counted in counts["skipped"]; a value that is not text
+    is always an error: no row is lost without a word."""
+    for i, row in enumerate(dataset):
         if field not in row:
             raise PiLoraError(
                 f"data rows have no field '{field}' (fields: {', '.join(row)}); set data.text_field."
             )
         text = row[field]
-        if isinstance(text, str) and text:
-            yield text
+        if isinstance(text, str):
+            if text:
+                yield text
+            continue
+        shown = repr(dict(row))
+        shown = shown if len(shown) <= 100 else shown[:97] + "..."
+        if text is not None:
+            raise PiLoraError(f"data row {i + 1} has a {type(text).__name__} in '{field}', not text: {shown}")
+        if not skip:
+            raise PiLoraError(f"data row {i + 1} has no '{field}' (null or missing): {shown}. Fix the data, or "
+                              "set data.skip_bad_rows true to skip such rows (they are counted).")
+        if counts is not None:
+            counts["skipped"] = counts.get("skipped", 0) + 1
 
 
 def token_ids(docs: Iterable[str], tokenizer, batch: int = 32) -> Iterator[list[int]]:
@@ -125,29 +138,62 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(section, files: list[Path], tokenizer) -> str:
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    blob = json.dumps([tokenizer_fingerprint(tokenizer), stamp, section.text_field])
+    blob = json.dumps([tokenizer_fingerprint(tokenizer), stamp, section.text_field, section.skip_bad_rows])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def cached_tokens(section, files: list[Path], tokenizer, cache_dir: Path, progress=None) -> np.ndarray:
-    """The whole token stream of local files, tokenized once and memory-mapped after."""
-    path = cache_dir / f"{cache_key(section, files, tokenizer)}.npy"
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
-    dataset = open_dataset(section, files, streaming=False)
-    task = progress.add_task("tokenizing", total=len(dataset)) if progress else None
-    chunks = []
-    for ids in token_ids(texts(dataset, section.text_field), tokenizer):
-        chunks.append(np.asarray(ids, dtype=np.uint32))
-        if progress:
-            progress.advance(task)
-    stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint32)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, stream)
-    os.replace(tmp, path)
+def _read_cache(path: Path, tokenizer) -> np.ndarray:
+    """The cached stream, or ValueError saying why it cannot be used (truncated, garbage, wrong)."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    stream = np.load(path, mmap_mode="r", allow_pickle=False)
+    if stream.dtype != np.uint32 or stream.ndim != 1 or len(stream) != meta["tokens"]:
+        raise ValueError(f"{stream.dtype} {stream.shape}, not {meta['tokens']} uint32 tokens")
+    if len(stream) and int(stream.max()) >= len(tokenizer):  # a token the model has no embedding for
+        raise ValueError(f"token {int(stream.max())} is outside the vocabulary ({len(tokenizer)})")
     return stream
+
+
+def cached_tokens(section, files: list[Path], tokenizer, cache_dir: Path, progress=None,
+                  counts: dict | None = None) -> np.ndarray:
+    """The whole token stream of local files, tokenized once and memory-mapped after. A cache that
+    cannot be read (a kill, a full disk, an edit) is said and rebuilt, never a lasting failure."""
+    from . import run
+
+    path = cache_dir / f"{cache_key(section, files, tokenizer)}.npy"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PiLoraError(f"cannot create the token cache folder '{cache_dir}': {e.strerror}.") from None
+    with run.writing(path, wait=True):  # one process tokenizes, another waiting uses its cache
+        if path.is_file():
+            try:
+                stream = _read_cache(path, tokenizer)
+                if counts is not None:
+                    counts["skipped"] = json.loads(path.with_suffix(".json").read_text()).get("skipped", 0)
+                return stream
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                run.say(f"[yellow]token cache[/] {path} cannot be used ({first_line(e)}); tokenizing again.")
+        dataset = open_dataset(section, files, streaming=False)
+        task = progress.add_task("tokenizing", total=len(dataset), info="") if progress else None
+        chunks, found = [], {"skipped": 0}
+        for ids in token_ids(texts(dataset, section.text_field, section.skip_bad_rows, found), tokenizer):
+            chunks.append(np.asarray(ids, dtype=np.uint32))
+            if progress:
+                progress.advance(task)
+        stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint32)
+        tmp = run.temp_file(path, ".npy")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, stream)
+            run.write_json(path.with_suffix(".json"), {"tokens": len(stream), "skipped": found["skipped"]})
+            os.replace(tmp, path)
+        except OSError as e:
+            raise PiLoraError(f"cannot write the token cache '{path}': {e.strerror}.") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        if counts is not None:
+            counts["skipped"] = found["skipped"]
+        return stream
 
 
 def _counting(docs: Iterator[list[int]], found: list[int]) -> Iterator[list[int]]:
@@ -172,11 +218,12 @@ class PackedData:
             raise too_short(len(tokens), length)
         self.tokens, self.length, self.seed, self.shuffle = tokens, length, seed, shuffle
         self.total_tokens = len(tokens)
+        self.skipped = 0  # rows without text, skipped by data.skip_bad_rows
 
     def describe(self) -> str:
         return (
             f"{self.count} sequences of {self.length} tokens "
-            f"({self.count * self.length:,} of {self.total_tokens:,} tokens used)"
+            f"({self.count * self.length:,} of {self.total_tokens:,} tokens used)" + skipped_note(self.skipped)
         )
 
     def order(self, epoch: int) -> np.ndarray:
@@ -208,15 +255,16 @@ class StreamedData:
 
     SHUFFLE_BUFFER = 1000  # documents
 
-    def __init__(self, dataset, tokenizer, field: str, length: int, seed: int | None = None):
+    def __init__(self, dataset, tokenizer, field: str, length: int, seed: int | None = None, skip: bool = False):
         if seed is not None:
             dataset = dataset.shuffle(seed=seed, buffer_size=self.SHUFFLE_BUFFER)
         self.dataset, self.tokenizer, self.field, self.length = dataset, tokenizer, field, length
-        self.count = None
+        self.count, self.skip, self.counts = None, skip, {"skipped": 0}
         next(self.sequences())  # fail now, not after the model has loaded: wrong field, too little data
 
     def describe(self) -> str:
-        return f"streamed, packed into sequences of {self.length} tokens"
+        note = " (rows without text are skipped: data.skip_bad_rows)" if self.skip else ""
+        return f"streamed, packed into sequences of {self.length} tokens{note}" + skipped_note(self.counts["skipped"])
 
     def sequences(self) -> Iterator[np.ndarray]:
         """Packed sequences, starting the stream over whenever it ends (epochs)."""
@@ -226,7 +274,7 @@ class StreamedData:
                 self.dataset.set_epoch(epoch)
             epoch += 1
             found, produced = [0], 0
-            docs = token_ids(texts(self.dataset, self.field), self.tokenizer)
+            docs = token_ids(texts(self.dataset, self.field, self.skip, self.counts), self.tokenizer)
             for seq in pack(_counting(docs, found), self.length):
                 produced += 1
                 yield seq
@@ -245,14 +293,18 @@ def streamed(section, files: list[Path] | None) -> bool:
     return files is None if section.streaming == "auto" else section.streaming
 
 
-def token_stream(section, files: list[Path] | None, tokenizer, cache_dir: Path, progress=None) -> np.ndarray:
+def token_stream(section, files: list[Path] | None, tokenizer, cache_dir: Path, progress=None,
+                 counts: dict | None = None) -> np.ndarray:
     """All of a source's tokens at once: local files through the cache, a hub dataset downloaded."""
     if files is not None:
-        return cached_tokens(section, files, tokenizer, cache_dir, progress)
+        return cached_tokens(section, files, tokenizer, cache_dir, progress, counts)
     dataset = open_dataset(section, None, streaming=False)
-    return np.fromiter(
-        (t for ids in token_ids(texts(dataset, section.text_field), tokenizer) for t in ids), dtype=np.uint32
-    )
+    docs = texts(dataset, section.text_field, section.skip_bad_rows, counts)
+    return np.fromiter((t for ids in token_ids(docs, tokenizer) for t in ids), dtype=np.uint32)
+
+
+def skipped_note(skipped: int) -> str:
+    return f"; {skipped:,} row(s) without text skipped (data.skip_bad_rows)" if skipped else ""
 
 
 def split(tokens: np.ndarray, fraction: float, eos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -282,10 +334,14 @@ def load(section, tokenizer, length: int, seed: int, cache_dir: Path, progress=N
         dataset = open_dataset(section, files, streaming=True)
         if section.eval_fraction:
             dataset = every_nth(dataset, section.eval_fraction, held_out=False)
-        return StreamedData(dataset, tokenizer, section.text_field, length, seed if section.shuffle else None)
-    tokens = token_stream(section, files, tokenizer, cache_dir, progress)
+        return StreamedData(dataset, tokenizer, section.text_field, length, seed if section.shuffle else None,
+                            section.skip_bad_rows)
+    counts = {"skipped": 0}
+    tokens = token_stream(section, files, tokenizer, cache_dir, progress, counts)
     train, _ = split(tokens, section.eval_fraction, tokenizer.eos_token_id)
-    return PackedData(train, length, seed, section.shuffle)
+    packed = PackedData(train, length, seed, section.shuffle)
+    packed.skipped = counts["skipped"]
+    return packed
 
 
 def held_out(section, tokenizer, cache_dir: Path, progress=None) -> Iterator[np.ndarray] | None:
@@ -295,7 +351,7 @@ def held_out(section, tokenizer, cache_dir: Path, progress=None) -> Iterator[np.
                                              "eval_source": None, "eval_fraction": 0.0})
         files = local_files(section.source)
         if files is None:  # a hub split, streamed: only what validation needs is read
-            docs = texts(open_dataset(section, None, streaming=True), section.text_field)
+            docs = texts(open_dataset(section, None, streaming=True), section.text_field, section.skip_bad_rows)
             return (np.asarray(ids, dtype=np.int64) for ids in token_ids(docs, tokenizer))
         return _slices(cached_tokens(section, files, tokenizer, cache_dir, progress))
     if not section.eval_fraction:
@@ -303,7 +359,8 @@ def held_out(section, tokenizer, cache_dir: Path, progress=None) -> Iterator[np.
     files = local_files(section.source)
     if streamed(section, files):
         dataset = every_nth(open_dataset(section, files, streaming=True), section.eval_fraction, held_out=True)
-        return (np.asarray(ids, dtype=np.int64) for ids in token_ids(texts(dataset, section.text_field), tokenizer))
+        docs = texts(dataset, section.text_field, section.skip_bad_rows)
+        return (np.asarray(ids, dtype=np.int64) for ids in token_ids(docs, tokenizer))
     tokens = token_stream(section, files, tokenizer, cache_dir, progress)
     return _slices(split(tokens, section.eval_fraction, tokenizer.eos_token_id)[1])
 

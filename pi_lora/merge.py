@@ -8,6 +8,7 @@ verification passed, so an interrupted or failed merge leaves nothing that looks
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import model, quant, rope, run
@@ -48,10 +49,8 @@ class Adapter:
 
 
 def read_adapter(folder: Path) -> Adapter:
-    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not (config_path.is_file() and weights_path.is_file()):
-        raise PiLoraError(f"no adapter in '{folder}' (adapter_config.json and adapter_model.safetensors).")
-    config = json.loads(config_path.read_text())
+    config = run.verify_adapter(folder)  # a damaged adapter is one readable line, before any work
+    weights_path = folder / "adapter_model.safetensors"
     if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
         raise PiLoraError("adapters with DoRA or per-layer rank/alpha patterns are not supported by merge.")
     r, alpha = config["r"], config["lora_alpha"]
@@ -79,7 +78,7 @@ def base_files(base: str, revision: str | None = None) -> Path:
 
         try:
             folder = Path(snapshot_download(where, revision=revision, allow_patterns=["*.json", "*.safetensors",
-                                                                                     "tokenizer*", "*.jinja"]))
+                                                                                     "tokenizer*", "*.jinja", "*.py"]))
         except Exception as e:  # hub errors have many types; all mean "not reachable here"
             raise PiLoraError(f"cannot get the base '{base}': {first_line(e)}") from e
     if not weight_files(folder):
@@ -91,9 +90,25 @@ def weight_files(folder: Path) -> list[Path]:
     """The model's safetensors shards as its index names them (repos may ship other .safetensors too)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = run.read_json(index, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise PiLoraError(f"weight index '{index}' is damaged: it has no weight_map.")
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise PiLoraError(f"the base in '{folder}' lacks {missing[0].name}, which its index names.")
+        return files
     single = folder / "model.safetensors"
     return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+
+
+@contextlib.contextmanager
+def reading_weights(file: Path):
+    """A truncated or garbage weight file is one line naming it, not a safetensors traceback."""
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        raise PiLoraError(f"cannot read the weights '{file}': {first_line(e)}") from None
 
 
 def dequantized(weight: torch.Tensor, meta: dict) -> torch.Tensor:
@@ -136,7 +151,7 @@ def merged(name: str, weight: torch.Tensor, adapter: Adapter, dtype, meta: dict,
 def read_tensor(file: Path, key: str) -> torch.Tensor:
     """One tensor, with the file mapped only while it is read: a shard kept open would keep every
     page read so far resident, and peak memory would grow with the input shard, not the output one."""
-    with safe_open(file, "pt") as f:
+    with reading_weights(file), safe_open(file, "pt") as f:
         return f.get_tensor(key).clone()
 
 
@@ -145,7 +160,7 @@ def write_shards(source: Path, out: Path, adapter: Adapter, dtype, meta: dict, i
     """Merged tensors written as `model-XXXXX.safetensors` shards; returns the weight map."""
     names = []
     for file in weight_files(source):
-        with safe_open(file, "pt") as f:
+        with reading_weights(file), safe_open(file, "pt") as f:
             names += [(file, k) for k in f.keys()]
     task = progress.add_task("merging", total=len(names)) if progress else None
     pending, size, shards, weight_map = {}, 0, [], {}
@@ -191,7 +206,7 @@ def rename_shards(out: Path, shards: list[str], weight_map: dict[str, str]) -> d
 def write_config(source: Path, out: Path, meta: dict, dtype) -> None:
     """config.json with the rope setting in both the transformers-5 form and the legacy form older
     readers use (none for ntk, which is plain RoPE with a larger theta)."""
-    config = json.loads((source / "config.json").read_text())
+    config = run.read_json(source / "config.json", "base config")
     pi = rope.from_meta(meta)
     config.pop("rope_theta", None)
     config["rope_parameters"] = pi.rope_parameters()
@@ -223,11 +238,12 @@ def reference(source: Path, adapter_dir: Path, meta: dict, into: str):
 
     from .recipe import ModelSection
 
-    config = AutoConfig.from_pretrained(source)
+    trust = bool(meta.get("trust_remote_code"))  # run.require_trust checked the user said so
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
     config.rope_parameters = {**meta["rope_parameters"]}
     kind = meta["quant"] if into == "dequantized" else "none"
     section = ModelSection(base=str(source), quant=kind, double_quant=meta.get("double_quant", True),
-                           compute_dtype="fp32")
+                           compute_dtype="fp32", trust_remote_code=trust)
     if into == "dequantized":  # quantize from the dtype training loaded the weights in, compute in fp32
         section.compute_dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(meta.get("compute_dtype"), "fp32")
     base = model.load_base(section, config, torch.device("cpu"))
@@ -266,7 +282,7 @@ def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str) ->
     """Logits of the merged model against base + adapter, fp32 on CPU, past the original length."""
     from transformers import AutoModelForCausalLM
 
-    merged_model = AutoModelForCausalLM.from_pretrained(out)
+    merged_model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=bool(meta.get("trust_remote_code")))
     tolerance = max(TOLERANCE.get(p.dtype, 1e-2) for p in merged_model.parameters())
     err = logits_error(reference(source, adapter_dir, meta, into), merged_model.float().eval(), meta)
     if err > tolerance:
@@ -276,12 +292,20 @@ def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str) ->
 
 def merge(run_dir: Path, output: Path, base: str | None = None, dtype: str | None = None,
           into: str = "full", check: bool = True, overwrite: bool = False, shard_gb: float = 1.0,
-          progress=None) -> float | None:
-    """Merge the run's adapter into the base; returns the verification error (None when skipped)."""
+          progress=None, trust_remote_code: bool = False) -> float | None:
+    """Merge the run's adapter into the base; returns the verification error (None when skipped).
+    Reads the run while no `train --resume` changes it, and is the one writer of `output`."""
     meta = run.read_meta(run_dir)
+    run.require_trust(meta, trust_remote_code, "merge")
     if into == "dequantized" and meta.get("quant") not in ("nf4", "fp4"):
         raise PiLoraError(f"--merge-base dequantized needs a run trained on a 4-bit base; this one used "
                           f"quant '{meta.get('quant')}'. Use --merge-base full.")
+    run.check_writable(output)
+    with run.reading(run_dir), run.writing(output):
+        return _merge(run_dir, output, meta, base, dtype, into, check, overwrite, shard_gb, progress)
+
+
+def _merge(run_dir: Path, output: Path, meta: dict, base, dtype, into, check, overwrite, shard_gb, progress):
     adapter_dir = run_dir / run.ADAPTER
     adapter = read_adapter(adapter_dir)
     if output.exists() and not overwrite:
@@ -290,8 +314,7 @@ def merge(run_dir: Path, output: Path, base: str | None = None, dtype: str | Non
     need = sum(f.stat().st_size for f in weight_files(source))
     if dtype is not None:
         need = need * 4 // 2  # at most fp32 from a 16-bit base
-    output.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(output.parent).free
+    free = shutil.disk_usage(next(p for p in [output.parent, *output.parent.parents] if p.exists())).free
     if free < need * 1.05:
         raise PiLoraError(f"not enough disk for the merged model: needs about {need / 2**30:.1f} GiB, "
                           f"{free / 2**30:.1f} GiB free at {output.parent}.")
@@ -305,7 +328,8 @@ def merge(run_dir: Path, output: Path, base: str | None = None, dtype: str | Non
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
             )
         write_config(source, tmp, meta, DTYPES.get(dtype))
-        for name in COPIED:
+        copied = [*COPIED, *(p.name for p in source.glob("*.py"))] if meta.get("trust_remote_code") else COPIED
+        for name in copied:  # a base with its own code (auto_map) needs its .py files to load
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         recipe_path = run_dir / run.RECIPE

@@ -75,19 +75,20 @@ def gguf_folder(gguf: Path, cache: Path | None = None) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = (cache or home() / "gguf") / f"{gguf.stem}-{key}"
-    if (folder / "config.json").is_file():
-        return folder
-    from .run import atomic_dir
+    from .run import atomic_dir, writing
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (OSError, ValueError, KeyError) as e:
-        raise PiLoraError(f"cannot read GGUF '{gguf}': {first_line(e)}") from e
-    model.hf_quantizer.remove_quantization_config(model)  # the weights are dense already
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    with writing(folder, wait=True):  # one process converts; another waits and uses its folder
+        if (folder / "config.json").is_file():
+            return folder
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as e:  # the gguf reader fails on a truncated or garbage file with any error type
+            raise PiLoraError(f"cannot read GGUF '{gguf}': {first_line(e)}") from None
+        model.hf_quantizer.remove_quantization_config(model)  # the weights are dense already
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return folder
 
 
@@ -157,11 +158,34 @@ def quantization(section, dtype: torch.dtype) -> BitsAndBytesConfig | None:
 
 @contextlib.contextmanager
 def _library_errors(base: str):
-    """Missing optional kernels (flash-attn) and unreadable weights are bad input, not crashes."""
+    """Missing optional kernels (flash-attn) and unreadable weights (truncated, garbage) are bad
+    input, not crashes."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except (ImportError, OSError, ValueError) as e:
-        raise PiLoraError(f"cannot load '{base}': {first_line(e)}") from e
+    except (ImportError, OSError, ValueError, SafetensorError) as e:
+        raise PiLoraError(f"cannot load '{base}': {first_line(e)}") from None
+
+
+def check_rank(config, lora) -> None:
+    """lora.rank at most the smaller side of every targeted projection: B @ A cannot have a higher
+    rank than that, so a larger one only adds weights (and memory) that can learn nothing more."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inner = getattr(config, "intermediate_size", hidden)
+    sides = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
+             "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
+             "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+    targets = list(sides) if lora.target_modules == "all-linear" else [n for n in lora.target_modules if n in sides]
+    if not targets:
+        return
+    name = min(targets, key=lambda n: min(sides[n]))
+    limit = min(sides[name])
+    if lora.rank > limit:
+        raise PiLoraError(f"lora.rank {lora.rank} is larger than {name}'s smaller dimension ({limit}); "
+                          f"give lora.rank {limit} or less.")
 
 
 def layer_map(config, counts: list[int]) -> dict[str, int]:

@@ -66,6 +66,8 @@ class DataSection(_Section):
     config: str | None = None
     split: str = "train"
     text_field: str = "text"
+    # rows whose text field is missing or null: an error naming the row, or (true) skipped and counted
+    skip_bad_rows: bool = False
     streaming: Literal["auto"] | bool = "auto"  # auto: stream hub datasets, cache local files
     shuffle: bool = True
     # held-out validation data, never trained on: the last eval_fraction of a local source's tokens
@@ -168,7 +170,15 @@ def read(path: Path) -> dict:
 
 
 def parse_sets(items: list[str]) -> dict:
-    """`key.path=value` strings as a nested mapping."""
+    """`key.path=value` strings as a nested mapping; every bad one is reported together."""
+    tree, problems = collect_sets(items)
+    if problems:
+        raise RecipeError(problems, source="--set")
+    return tree
+
+
+def collect_sets(items: list[str]) -> tuple[dict, list[str]]:
+    """The nested mapping of the good `--set` items, and a problem line for each bad one."""
     tree: dict = {}
     problems = []
     for item in items:
@@ -176,10 +186,13 @@ def parse_sets(items: list[str]) -> dict:
         if not sep or not key.strip():
             problems.append(f"--set '{item}': expected key.path=value")
             continue
-        set_path(tree, key.strip(), parse_value(value))
-    if problems:
-        raise RecipeError(problems, source="--set")
-    return tree
+        try:
+            set_path(tree, key.strip(), parse_value(value))
+        except yaml.YAMLError as e:
+            problems.append(f"--set '{item}': the value is not valid YAML ({str(e).splitlines()[0]})")
+        except RecipeError as e:
+            problems += [f"--set {p}" for p in e.problems]
+    return tree, problems
 
 
 def set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -264,7 +277,8 @@ def default_output(recipe: Recipe) -> str:
 def resolve(file_tree: dict, sets: list[str], flags: dict[str, Any], source: str = "recipe"):
     """Merge the layers, validate once. Returns the recipe and each override with where it came from."""
     defaults = Recipe().model_dump(mode="json")
-    layers = [(source, file_tree), ("--set", parse_sets(sets)), ("flag", {})]
+    set_tree, set_problems = collect_sets(sets)
+    layers = [(source, file_tree), ("--set", set_tree), ("flag", {})]
     for dotted, value in flags.items():
         if value is not None:
             set_path(layers[2][1], dotted, value)
@@ -273,7 +287,12 @@ def resolve(file_tree: dict, sets: list[str], flags: dict[str, Any], source: str
     for name, layer in layers:
         tree = merge(tree, layer)
         origin.update({key: name for key in leaves(layer)})
-    recipe = validate(tree, source=source)
+    try:
+        recipe = validate(tree, source=source)
+    except RecipeError as e:  # a bad --set does not hide the other problems, nor they it
+        raise RecipeError(set_problems + e.problems, source=source) from None
+    if set_problems:
+        raise RecipeError(set_problems, source=source)
     if recipe.output is None:
         recipe.output = default_output(recipe)
         origin["output"] = "derived"

@@ -2,36 +2,48 @@
 
     runs/<name>/
       recipe.yaml          resolved recipe: `pi-lora train --recipe runs/<name>/recipe.yaml` repeats the run
-      pi_lora.json         base, revision, original/target length, factor, rope type and theta, versions
+      pi_lora.json         base, revision, original/target length, factor, rope type and theta, the
+                           resolved recipe, trust_remote_code, versions
       adapter/             PEFT adapter (incl. trained embed/norm), written at the end
       metrics.jsonl        one JSON line per logged step
-      checkpoints/step-N/  adapter/ + state.pt (trainable weights, optimizer, scheduler, RNG, data position)
+      checkpoints/step-N/  adapter/, tensors.safetensors (trainable weights, optimizer and RNG tensors)
+                           and state.json (the rest, the recipe, and the size and SHA-256 of every file)
       best.json            the step and checkpoint with the lowest validation loss (when validating)
       tensorboard/         event files (train.report_to)
       outputs.json         what merge/export/eval made from the run, and from which adapter step
       merged/, peft/, <name>-<outtype>.gguf, eval/   those outputs, by default
 
 Every file and folder is written under a temporary name and renamed, so a kill at any moment
-leaves either the old complete thing or the new complete thing.
+leaves either the old complete thing or the new complete thing. Temporaries are named
+`.<name>.pi-lora-XXXXXXXX.tmp`, so the next command that writes <name> removes those a killed
+process left. One process writes a target at a time: it holds an OS lock on `.<name>.lock` beside
+the target (see `writing`), which the OS drops when the process dies, so a kill -9 leaves no
+stale lock.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import PiLoraError
+from .errors import PiLoraError, first_line
 
 RECIPE, META, ADAPTER, METRICS, CHECKPOINTS, STATE, BEST, OUTPUTS = (
-    "recipe.yaml", "pi_lora.json", "adapter", "metrics.jsonl", "checkpoints", "state.pt", "best.json",
+    "recipe.yaml", "pi_lora.json", "adapter", "metrics.jsonl", "checkpoints", "state.json", "best.json",
     "outputs.json",
 )
+TENSORS = "tensors.safetensors"  # a checkpoint's tensors; state.json holds the rest
 # What later commands make from a run, by default inside it, named by what they are.
 MERGED, PEFT, EVAL = "merged", "peft", "eval"
+MARK = ".pi-lora-"  # in every temporary's name, so stale ones are found and nothing else
 
 
 def _umask() -> int:
@@ -48,14 +60,244 @@ def publish(path: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def say(message: str) -> None:
+    """A note on stderr (stdout may be a pipe of results)."""
+    from rich.console import Console
+
+    Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per target. flock, not a PID file: the lock dies with its process (kill -9 included),
+# so there is never a stale lock to break. The PID written into the file and /proc/locks only
+# name the holder in the refusal.
+
+
+def lock_file(target: Path) -> Path:
+    """Beside the target, not inside: an output folder is replaced by a rename, which would carry an
+    inside lock away with it; and one place for every kind of target makes a `train` and a `merge`
+    into the same folder meet at the same lock."""
+    target = Path(target).absolute()
+    return target.with_name(f".{target.name}.lock")
+
+
+_held: dict[Path, list] = {}  # lock file -> [fd, depth, shared]: re-entrant within a process
+
+
+def _holders(path: Path) -> str:
+    """Who holds the lock on `path`: 'process 123 (pi-lora train ...)', from /proc/locks on Linux."""
+    try:
+        st = os.stat(path)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        pids = [line.split()[4] for line in Path("/proc/locks").read_text().splitlines()
+                if "FLOCK" in line and line.split()[5] == key]
+    except (OSError, IndexError):
+        pids = []
+    if not pids:  # no /proc: the last writer's note in the file
+        try:
+            pids = path.read_text().split()[:1]
+        except OSError:
+            pids = []
+    if not pids:
+        return "another process"
+    return ", ".join(f"process {pid} ({_command(pid)})" for pid in dict.fromkeys(pids))
+
+
+def _command(pid: str) -> str:
+    try:
+        parts = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "a pi-lora command"
+    parts = [p for p in parts if p]
+    if "pi_lora" in parts:  # python -m pi_lora train ... reads better as pi-lora train ...
+        parts = ["pi-lora", *parts[parts.index("pi_lora") + 1:]]
+    elif parts:
+        parts[0] = Path(parts[0]).name
+    return " ".join(parts)[:120]
+
+
+def _acquire(path: Path, shared: bool, wait: bool) -> int | None:
+    """An fd holding the lock on `path` (None: a read-only place, where nobody can write either)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except PermissionError:
+            if shared and not path.exists():
+                return None
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise PiLoraError(f"cannot lock '{path}': {e.strerror}.") from None
+        except OSError as e:
+            raise PiLoraError(f"cannot lock '{path}': {e.strerror}.") from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            who = _holders(path)
+            os.close(fd)
+            return _busy(path, who)
+        try:  # a releasing holder may have unlinked the file between our open and our lock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            if not shared:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {_command(str(os.getpid()))}\n".encode())
+            return fd
+        os.close(fd)
+
+
+class Busy(PiLoraError):
+    """Another process writes (or reads) the target."""
+
+
+def _busy(path: Path, who: str):
+    target = path.with_name(path.name[1:].removesuffix(".lock"))
+    raise Busy(f"'{target}' is in use by {who}; wait for it to finish or use another output. "
+               "(The lock goes away with that process.)")
+
+
+def _release(path: Path, fd: int) -> None:
+    try:  # the last holder removes the file (no leftovers); a holder that is not the last cannot
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink(missing_ok=True)
+    except (BlockingIOError, OSError):
+        pass
+    os.close(fd)
+
+
+@contextmanager
+def writing(target: Path, wait: bool = False):
+    """Hold `target`'s lock for writing (a run folder, an output folder or file): refused at once,
+    naming the holder, while another process writes or reads it; `wait` waits instead (caches).
+    Re-entrant. Creates the target's parent folder if needed."""
+    with _lock(Path(target), shared=False, wait=wait):
+        yield
+
+
+@contextmanager
+def reading(target: Path):
+    """Hold `target`'s lock for reading: any number of readers, no writer meanwhile (a merge or an
+    evaluation of a run that a `train --resume` would change under it)."""
+    with _lock(Path(target), shared=True, wait=False):
+        yield
+
+
+@contextmanager
+def _lock(target: Path, shared: bool, wait: bool):
+    path = lock_file(target)
+    held = _held.get(path)
+    if held is not None:
+        if held[2] and not shared:
+            raise PiLoraError(f"'{target}' is read by this command; it cannot also write it.")
+        held[1] += 1
+    else:
+        if not shared:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.parent.is_dir():
+            yield
+            return
+        fd = _acquire(path, shared, wait)
+        if fd is None:
+            yield
+            return
+        held = _held[path] = [fd, 1, shared]
+    try:
+        yield
+    finally:
+        held[1] -= 1
+        if held[1] == 0:
+            del _held[path]
+            _release(path, held[0])
+
+
+def holds(target: Path) -> bool:
+    """Whether this process holds the write lock of `target` or of a folder above it."""
+    target = Path(target).absolute()
+    for p in [target, *target.parents]:
+        h = _held.get(lock_file(p))
+        if h is not None and not h[2]:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporaries: `.<name>.pi-lora-XXXXXXXX.tmp[.suffix]` beside <name>.
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(name)}{re.escape(MARK)}\w{{8}}\.(tmp|old)(\.\w+)?$")
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+        return path.lstat().st_size
+    except OSError:
+        return 0
+
+
+def sweep(target: Path) -> list[Path]:
+    """Remove the temporaries a killed process left for `target`, and say so. Only while this process
+    holds `target`'s write lock (or its folder's): then no live process is writing them."""
+    target = Path(target).absolute()
+    if not holds(target) or not target.parent.is_dir():
+        return []
+    pattern = _temp_pattern(target.name)
+    stale = [p for p in target.parent.iterdir() if pattern.match(p.name)]
+    for p in stale:
+        size = _size(p)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        say(f"[yellow]removed[/] {p} ({size / 2**30:.2f} GiB), a temporary left by a stopped pi-lora process")
+    return stale
+
+
+def _temp_name(final: Path, suffix: str = "") -> Path:
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
+    token = "".join(secrets.choice(alphabet) for _ in range(8))
+    return final.with_name(f".{final.name}{MARK}{token}.tmp{suffix}")
+
+
+def temp_file(final: Path, suffix: str = "") -> Path:
+    """A new temporary path beside `final` for a file to be renamed onto it (`suffix`, e.g. '.gguf',
+    for readers that go by it); a later `sweep(final)` finds it if this process dies."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep(final)
+    return _temp_name(final, suffix)
+
+
+@contextmanager
+def scratch(final: Path):
+    """A temporary folder beside `final` for intermediate work (removed after; swept if killed)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep(final)
+    tmp = _temp_name(final)
+    tmp.mkdir(mode=0o700)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    publish(Path(tmp))
-    os.replace(tmp, path)
+    tmp = _temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -64,15 +306,21 @@ def write_json(path: Path, data: dict) -> None:
 
 @contextmanager
 def atomic_dir(final: Path):
-    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
+    Stale temporaries of `final` are removed first when this process holds its lock."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PiLoraError(f"cannot create the folder '{final.parent}': {e.strerror}.") from None
+    sweep(final)
+    tmp = _temp_name(final)
+    tmp.mkdir(mode=0o700)
     try:
         yield tmp
         publish(tmp)
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = _temp_name(final).with_suffix(".old")
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
@@ -82,13 +330,31 @@ def atomic_dir(final: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, an output path that cannot be created: one under a file, or in a
+    folder this user cannot write."""
+    path = Path(path).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if existing != path and not existing.is_dir():
+        raise PiLoraError(f"cannot create '{path}': '{existing}' is a file, not a folder.")
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PiLoraError(f"cannot create '{path}': no permission to write in '{folder}'.")
+
+
+def contents(folder: Path) -> list[Path]:
+    """What a folder holds, apart from stale temporaries (the next writer removes those)."""
+    return [p for p in folder.iterdir() if MARK not in p.name] if folder.is_dir() else []
+
+
 def claim(folder: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to train into a non-empty folder unless told to resume or to overwrite a run folder."""
     if resume and overwrite:
         raise PiLoraError("--resume and --overwrite contradict each other; give one.")
     if folder.exists() and not folder.is_dir():
         raise PiLoraError(f"output '{folder}' is a file, not a folder.")
-    busy = folder.is_dir() and any(folder.iterdir())
+    check_writable(folder)
+    busy = bool(contents(folder))
     if busy and overwrite and not ((folder / RECIPE).is_file() or (folder / META).is_file()):
         raise PiLoraError(f"--overwrite replaces run folders only; '{folder}' holds other files.")
     if resume and not (folder / RECIPE).is_file():
@@ -100,13 +366,105 @@ def claim(folder: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
+def clear(folder: Path) -> None:
+    """Empty a run folder for --overwrite (the caller holds its lock, so nobody else is using it)."""
+    for p in folder.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
 def checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of a killed save are not listed)."""
+    """Checkpoint folders, oldest first (temporary folders of a killed save are not listed). A listed
+    one may still be damaged: `train.read_checkpoint` verifies it."""
     root = folder / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE).is_file()]
+    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
+
+
+def fingerprint(folder: Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file under `folder`, by relative path: recorded when a checkpoint
+    is written, checked before it is used."""
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damage(folder: Path, recorded: dict[str, dict]) -> str | None:
+    """Why the files under `folder` are not the ones recorded (missing, size, content), or None."""
+    for name, want in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{name} is {size:,} bytes, {want['size']:,} when written"
+        if sha256(path) != want["sha256"]:
+            return f"{name} does not hold what was written (SHA-256 differs)"
+    return None
+
+
+def verify_adapter(folder: Path) -> dict:
+    """Check that `folder` holds a loadable LoRA adapter: adapter_config.json parses and is LoRA,
+    adapter_model.safetensors is whole and its factors match the config's rank. Returns the config;
+    a readable PiLoraError naming the file otherwise. (A truncated adapter copied on would load
+    nowhere.)"""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not (config_path.is_file() and weights_path.is_file()):
+        raise PiLoraError(f"no adapter in '{folder}' (adapter_config.json and adapter_model.safetensors).")
+    config = read_json(config_path, "adapter config")
+    if config.get("peft_type", "LORA") != "LORA" or not isinstance(config.get("r"), int):
+        raise PiLoraError(f"'{config_path}' is not a LoRA adapter config (peft_type LORA with an integer r).")
+    try:
+        with safe_open(weights_path, "pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if ".lora_A." in key and tensor.shape[0] != config["r"] and not config.get("rank_pattern"):
+                    raise PiLoraError(f"'{weights_path}': {key} has rank {tensor.shape[0]}, the config says "
+                                      f"r = {config['r']}.")
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise PiLoraError(f"'{weights_path}': {key} holds NaN or infinite values.")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise PiLoraError(f"cannot read the adapter weights '{weights_path}': {first_line(e)}") from None
+    return config
+
+
+def read_json(path: Path, what: str = "file") -> dict:
+    """A JSON object from `path`, or one readable line naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PiLoraError(f"{what} '{path}' does not exist.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PiLoraError(f"{what} '{path}' is damaged (not valid JSON: {first_line(e)}).") from None
+    except OSError as e:
+        raise PiLoraError(f"cannot read {what} '{path}': {e.strerror}.") from None
+    if not isinstance(data, dict):
+        raise PiLoraError(f"{what} '{path}' is damaged (a JSON object expected, got {type(data).__name__}).")
+    return data
+
+
+def require_trust(meta: dict, given: bool, command: str) -> None:
+    """A run trained with --trust-remote-code runs its base's own code again in `command`: only when
+    the user says so again, never because a (possibly shared) run folder says so."""
+    if meta.get("trust_remote_code") and not given:
+        raise PiLoraError(f"this run's base '{meta.get('base')}' runs its own model code (it was trained with "
+                          f"--trust-remote-code); {command} runs it too only with --trust-remote-code.")
 
 
 def prune(folder: Path, keep: int, protect: int | None = None) -> None:
@@ -124,14 +482,21 @@ def gguf_name(folder: Path, outtype: str) -> Path:
 def record_output(folder: Path, path: Path, kind: str) -> None:
     """Note in the run which adapter step an output (merged model, export, evaluation) was made from."""
     step = read_meta(folder).get("adapter_step")
-    outputs = [o for o in read_outputs(folder) if o["path"] != str(Path(path).resolve())]
-    outputs.append({"path": str(Path(path).resolve()), "kind": kind, "adapter_step": step})
-    write_json(folder / OUTPUTS, {"outputs": outputs})
+    with writing(Path(folder) / OUTPUTS, wait=True):  # two commands may finish at once
+        outputs = [o for o in read_outputs(folder) if o["path"] != str(Path(path).resolve())]
+        outputs.append({"path": str(Path(path).resolve()), "kind": kind, "adapter_step": step})
+        write_json(folder / OUTPUTS, {"outputs": outputs})
 
 
 def read_outputs(folder: Path) -> list[dict]:
     path = Path(folder) / OUTPUTS
-    return json.loads(path.read_text())["outputs"] if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        return [o for o in json.loads(path.read_text())["outputs"] if {"path", "kind", "adapter_step"} <= set(o)]
+    except (ValueError, KeyError, TypeError):  # only bookkeeping: a damaged list is started again
+        say(f"[yellow]note[/]: '{path}' is damaged; its list of outputs starts again.")
+        return []
 
 
 def stale_outputs(folder: Path, step: int) -> list[dict]:
@@ -143,7 +508,11 @@ def read_meta(folder: Path) -> dict:
     path = Path(folder) / META
     if not path.is_file():
         raise PiLoraError(f"'{folder}' is not a pi-lora run folder: it has no {META}.")
-    return json.loads(path.read_text())
+    meta = read_json(path, "run metadata")
+    missing = [k for k in ("base", "original_len", "target_len", "factor", "rope_type", "rope_theta") if k not in meta]
+    if missing:
+        raise PiLoraError(f"run metadata '{path}' is damaged: it lacks {', '.join(missing)}.")
+    return meta
 
 
 def append_metrics(folder: Path, record: dict) -> None:

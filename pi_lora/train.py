@@ -7,6 +7,7 @@ config, rope, tokenizer, data) is checked before the run folder is touched.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import resource
@@ -25,7 +26,7 @@ from rich.text import Text
 
 from . import __version__, data, distributed, loss, memory, model, quant, rope, run
 from . import plan as planner
-from .errors import OutOfMemory, PiLoraError
+from .errors import OutOfMemory, PiLoraError, first_line
 from .recipe import Recipe, dump
 
 
@@ -60,6 +61,7 @@ def prepare(recipe: Recipe, progress: Progress | None = None, resume: bool = Fal
 
         demo_base(progress)
     config = model.load_config(m.base, m.revision, m.trust_remote_code)
+    model.check_rank(config, recipe.lora)
     pi = rope.of_recipe(config, recipe.rope, model.TRAINED_LEN.get(m.base))
     rope.check_trainable(pi)
     rope.apply(config, pi)
@@ -145,12 +147,15 @@ def metadata(p: Prepared) -> dict:
         "double_quant": p.recipe.model.double_quant,
         "compute_dtype": str(model.compute_dtype(p.recipe.model.compute_dtype, model.device())).removeprefix("torch."),
         "trainable": p.recipe.lora.trainable,
+        # merge, export, eval and a resume of this run run the base's code only when told again
+        "trust_remote_code": p.recipe.model.trust_remote_code,
         "planned_peak_gib": round(p.memory.estimate.peak / planner.GiB, 3),
         # the recipe may say `auto`; a resume computes with what this run resolved
         "resolved": {"mlp_tile": p.settings.mlp_tile, "offload_activations": p.settings.offload_activations},
         "pi_lora_version": __version__,
         "transformers_version": transformers.__version__,
         "peft_version": peft.__version__,
+        "recipe": p.recipe.model_dump(mode="json"),  # what a resume is checked against
     }
 
 
@@ -194,12 +199,72 @@ def trainable(net) -> dict[str, torch.Tensor]:
     return {n: p for n, p in net.named_parameters() if p.requires_grad}
 
 
+# A checkpoint is tensors (safetensors) and plain data (JSON), never a pickle: loading one from a
+# shared run folder must not run code. `pack` moves every tensor of a nested state (optimizer state
+# keyed by index or, sharded, by name; RNG states) into a flat safetensors dict and leaves a
+# reference; the JSON keeps what Python types the rest had (int keys, tuples, numpy arrays), so
+# `unpack` gives back exactly what was saved and a resumed run is bit-identical.
+CHECKPOINT_FORMAT = 1
+
+
+def pack(obj, tensors: dict[str, torch.Tensor], key: str = ""):
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: pack(v, tensors, f"{key}/{k}") for k, v in obj.items()}
+        return {"__items__": [[k, pack(v, tensors, f"{key}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [pack(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"a checkpoint cannot hold {type(obj).__name__} (at {key})")
+
+
+def unpack(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, list):
+        return [unpack(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    if "__items__" in obj:
+        return {k: unpack(v, tensors) for k, v in obj["__items__"]}
+    if "__tuple__" in obj:
+        return tuple(unpack(v, tensors) for v in obj["__tuple__"])
+    return {k: unpack(v, tensors) for k, v in obj.items()}
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses two entries on one storage (a tied weight, a view): copy the repeats."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        t = t.contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.device) if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[name] = t
+    return out
+
+
 def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer, sched, rng: list[dict],
-                    keep: int, best: dict | None = None) -> None:
+                    keep: int, best: dict | None = None, recipe: dict | None = None) -> None:
     """`rng` holds every rank's RNG state (one entry without data parallelism). A sharded model's
     weights and optimizer state are gathered whole (every rank takes part), so its adapter is the
     same as an unsharded run's; its optimizer state is keyed by parameter name. `best` is the best
-    validation so far ({"step", "val_loss"}); its checkpoint survives pruning."""
+    validation so far ({"step", "val_loss"}); its checkpoint survives pruning. `recipe` (the resolved
+    one) is what a resume is checked against."""
+    from safetensors.torch import save_file
+
     quant.check(net)
     weights = distributed.full(trainable(net))
     sharded = distributed.is_sharded(net)
@@ -208,28 +273,94 @@ def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer
         return
     with run.atomic_dir(folder / run.CHECKPOINTS / f"step-{step}") as tmp:
         net.save_pretrained(tmp / run.ADAPTER, state_dict=weights if sharded else None)
-        state = {
-            "step": step,
-            "sequences_seen": sequences_seen,
-            "weights": weights,
-            "optimizer": optim,
-            "sharded": sharded,
-            "scheduler": sched.state_dict(),
-            "rng": rng,
-            "best": best,
-        }
-        torch.save(state, tmp / run.STATE)
+        tensors: dict[str, torch.Tensor] = {}
+        body = pack({"weights": weights, "optimizer": optim, "scheduler": sched.state_dict(), "rng": rng}, tensors)
+        save_file(unshared(tensors), tmp / run.TENSORS)
+        state = {"format": CHECKPOINT_FORMAT, "step": step, "sequences_seen": sequences_seen, "sharded": sharded,
+                 "best": best, "recipe": recipe, "state": body, "files": run.fingerprint(tmp)}
+        state["digest"] = digest(state)
+        (tmp / run.STATE).write_text(json.dumps(state) + "\n")  # last: a folder with it is complete
     if best is not None and best["step"] == step:
         run.write_json(folder / run.BEST, {**best, "checkpoint": f"{run.CHECKPOINTS}/step-{step}"})
     run.prune(folder, keep, protect=best["step"] if best else None)
 
 
-def restore(checkpoint: Path, net, optimizer, sched) -> tuple[int, int]:
-    state = torch.load(checkpoint / run.STATE, weights_only=False)
+def digest(state: dict) -> str:
+    """SHA-256 of a checkpoint state's JSON (without its digest): an edited state.json is found."""
+    import hashlib
+
+    rest = {k: v for k, v in state.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+class Damaged(PiLoraError):
+    """A checkpoint that is not what was written (truncated, edited, from an older pi-lora)."""
+
+
+def read_checkpoint(checkpoint: Path) -> dict:
+    """A checkpoint's state (step, sequences_seen, sharded, best, recipe, weights, optimizer,
+    scheduler, rng), after checking every file against the sizes and hashes recorded when it was
+    written. Reads only JSON and safetensors; raises Damaged saying what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = checkpoint / run.STATE
+    if not path.is_file():
+        if (checkpoint / "state.pt").is_file():
+            raise Damaged("its state.pt comes from an older pi-lora and is a pickle, which can run code on "
+                          "loading; it is not loaded")
+        raise Damaged(f"it has no {run.STATE}")
+    try:
+        state = json.loads(path.read_text())
+        files, body = state["files"], state["state"]
+        header = {k: state[k] for k in ("step", "sequences_seen", "sharded", "best", "recipe")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise Damaged(f"{run.STATE} is not a pi-lora checkpoint state ({first_line(e)})") from None
+    except OSError as e:
+        raise Damaged(f"{run.STATE} cannot be read ({e.strerror})") from None
+    if state.get("format") != CHECKPOINT_FORMAT or run.TENSORS not in files:
+        raise Damaged(f"{run.STATE} has format {state.get('format')!r}, not {CHECKPOINT_FORMAT}")
+    if state.get("digest") != digest(state):
+        raise Damaged(f"{run.STATE} does not hold what was written (its digest differs)")
+    why = run.damage(checkpoint, files)
+    if why:
+        raise Damaged(why)
+    try:
+        tensors = load_file(checkpoint / run.TENSORS)
+        return {**header, **unpack(body, tensors)}
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
+        raise Damaged(f"{run.TENSORS} cannot be read ({first_line(e)})") from None
+
+
+def latest_checkpoint(folder: Path, console: Console) -> tuple[Path, dict] | None:
+    """The newest checkpoint that is whole, and its state; a damaged newer one is passed over with a
+    message saying which and why. None when the run has none; an error when none is readable."""
+    problems = []
+    for checkpoint in reversed(run.checkpoints(folder)):
+        try:
+            state = read_checkpoint(checkpoint)
+        except Damaged as e:
+            problems.append(f"{checkpoint.name}: {e}")
+            continue
+        for problem in problems:
+            console.print(f"[yellow]checkpoint skipped[/]: {problem}; resuming from {checkpoint.name} instead.")
+        return checkpoint, state
+    if problems:
+        raise PiLoraError(f"no checkpoint of '{folder}' can be used ({'; '.join(problems)}). Start again "
+                          "with --overwrite.")
+    return None
+
+
+def restore(checkpoint: Path, state: dict, net, optimizer, sched) -> tuple[int, int, dict | None]:
     params = trainable(net)
     missing = set(params) ^ set(state["weights"])
     if missing:
         raise PiLoraError(f"checkpoint {checkpoint} does not match this model: {sorted(missing)[:3]} ...")
+    shapes = [n for n, v in state["weights"].items() if tuple(v.shape) != tuple(params[n].shape)]
+    if shapes:
+        n = shapes[0]
+        raise PiLoraError(f"checkpoint {checkpoint} does not match this model: {n} is "
+                          f"{tuple(state['weights'][n].shape)} there, {tuple(params[n].shape)} here.")
     world = distributed.current()
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(rngs) != world.size:
@@ -353,42 +484,62 @@ def progress_bar(console: Console) -> Progress:
     )
 
 
-def already_complete(folder: Path, steps: int) -> str | None:
-    """Why a resume has nothing to do (its last checkpoint reached train.steps), or None."""
-    saved = run.checkpoints(folder)
-    done = int(saved[-1].name.removeprefix("step-")) if saved else 0
+def already_complete(folder: Path, steps: int, checkpoint: Path | None) -> str | None:
+    """Why a resume has nothing to do (its checkpoint reached train.steps), or None."""
+    done = run.step_of(checkpoint) if checkpoint else 0
     if done < steps:
         return None
     return (f"run '{folder}' is already complete: {done} steps done, train.steps is {steps}; nothing changed. "
             f"To train longer: pi-lora train --resume --output {folder} --steps N (N > {done}).")
 
 
-def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False) -> Path:
-    """Train; returns the run folder. A fresh run that fails before its first checkpoint leaves nothing."""
+def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False,
+        checkpoint: tuple[Path, dict] | None = None) -> Path:
+    """Train from `checkpoint` (see latest_checkpoint) or from step 0; returns the run folder. A fresh
+    run that fails before its first checkpoint leaves nothing. Rank 0 holds the run folder's lock."""
     folder, world = p.folder, distributed.current()
     if not world.main:  # rank 0 writes the run folder; the others wait until it is ready
         distributed.barrier(world)
-        ckpts = run.checkpoints(folder) if resume else []
-        return _loop(p, console, ckpts[-1] if ckpts else None)
-    if overwrite and folder.exists():  # run.claim checked it is a run folder; all input is checked now
-        shutil.rmtree(folder)
-    ckpts = run.checkpoints(folder) if resume else []
+        return _loop(p, console, checkpoint)
     fresh = not (folder / run.RECIPE).is_file()
-    folder.mkdir(parents=True, exist_ok=True)
     try:
-        with sigterm_as_interrupt():  # also while the weights load: a SIGTERM then leaves nothing
-            # on resume too: a longer train.steps must survive the next --resume
-            run.write_text(folder / run.RECIPE, f"# pi-lora {__version__}: resolved recipe\n" + dump(p.recipe))
-            if not resume:
-                run.write_json(folder / run.META, metadata(p))
-            distributed.barrier(world)
-            return _loop(p, console, ckpts[-1] if ckpts else None)
-    except BaseException as e:
-        if fresh and not run.checkpoints(folder):
-            shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(e, KeyboardInterrupt):
-            raise Interrupted(f"interrupted. {after_stop(folder)}") from None
-        raise
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PiLoraError(f"cannot create the run folder '{folder}': {e.strerror}.") from None
+    with run.writing(folder):  # held since the command started unless the folder's parent was new
+        if overwrite:  # run.claim checked it is a run folder; all input is checked now
+            run.clear(folder)
+            fresh = True
+        sweep_run(folder)
+        try:
+            with sigterm_as_interrupt():  # also while the weights load: a SIGTERM then leaves nothing
+                # on resume too: a longer train.steps must survive the next --resume
+                run.write_text(folder / run.RECIPE, f"# pi-lora {__version__}: resolved recipe\n" + dump(p.recipe))
+                if not resume or not (folder / run.META).is_file():
+                    run.write_json(folder / run.META, metadata(p))
+                distributed.barrier(world)
+                return _loop(p, console, checkpoint)
+        except BaseException as e:
+            if fresh and not run.checkpoints(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted(f"interrupted. {after_stop(folder)}") from None
+            raise
+
+
+def sweep_run(folder: Path) -> None:
+    """Remove what killed saves left in the run folder (a checkpoint's temporary is as big as the
+    trainable state), except temporaries of outputs another process is writing right now."""
+    for parent in (folder, folder / run.CHECKPOINTS):
+        if not parent.is_dir():
+            continue
+        names = {p.name.split(run.MARK)[0][1:] for p in parent.iterdir() if run.MARK in p.name}
+        for name in names:
+            try:
+                with run.writing(parent / name):
+                    run.sweep(parent / name)
+            except run.Busy:
+                pass
 
 
 @dataclass
@@ -475,8 +626,9 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
         console.print(f"data parallel: {world.size} processes, {p.per_step} sequences per step in all")
     start, seen, best = 0, 0, None
     if checkpoint is not None:
-        start, seen, best = restore(checkpoint, net, optimizer, sched)
-        console.print(f"resumed from {checkpoint.name} ({seen} sequences seen)")
+        start, seen, best = restore(*checkpoint, net, optimizer, sched)
+        console.print(f"resumed from {checkpoint[0].name} ({seen} sequences seen)")
+        checkpoint = None  # its tensors are in the model now
     tracker = None
     if world.main:
         run.truncate_metrics(folder, start)
@@ -487,6 +639,7 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
     batches = distributed.shard(p.data.batches(seen, t.batch_size), world)
     rng, saved, done, updating = distributed.gather(rng_state(), world), start, start, False
     tokens_per_step = p.per_step * p.pi.target_len
+    recorded = p.recipe.model_dump(mode="json")
     with progress_bar(console) as bar, sigterm_as_interrupt():
         task = bar.add_task("train", total=t.steps, completed=start, info="")
         try:
@@ -525,7 +678,8 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
                 if step == start + 1:
                     console.print(compare_memory(p, on, before))
                 if save:
-                    save_checkpoint(folder, step, step * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints, best)
+                    save_checkpoint(folder, step, step * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints, best,
+                                    recorded)
                     saved = step
         except KeyboardInterrupt:
             if updating:  # cut inside an update: only the last saved checkpoint is consistent
@@ -533,7 +687,8 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
             # sharded: saving gathers across ranks, which a signal may have caught mid-collective;
             # the last periodic checkpoint stays
             if done > saved and not m.shard:
-                save_checkpoint(folder, done, done * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints, best)
+                save_checkpoint(folder, done, done * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints, best,
+                                recorded)
             raise Interrupted(f"interrupted. {after_stop(folder)}") from None
         except torch.OutOfMemoryError:
             raise OutOfMemory(f"{oom_message(p, on)} {after_stop(folder)}") from None

@@ -1,0 +1,437 @@
+"""Hostile input and faults: one writer per folder, resume checked against the run, checkpoints that
+run no code and fall back when damaged, corrupt files as one line, no silent data loss, no leftovers,
+limits, and trust_remote_code as part of the run. Real files truncated, real processes killed."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pi_lora import data, run
+from pi_lora.cli import app
+from pi_lora.errors import PiLoraError
+from test_train import args, invoke, losses, spawn, wait_for_step
+
+RUNNER = CliRunner()
+
+
+def refused(argv) -> str:
+    """The command fails as bad input: exit 2, one readable message, no traceback."""
+    result = RUNNER.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output, result.output
+    return " ".join(result.output.split())
+
+
+def truncate(path: Path, size: int) -> None:
+    subprocess.run(["truncate", "-s", str(size), str(path)], check=True)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def done(tiny_base, corpus, tmp_path_factory):
+    """A finished 8-step run with checkpoints step-6 and step-8 (the reference of the resume tests)."""
+    out = tmp_path_factory.mktemp("hard") / "ref"
+    result = invoke(args(tiny_base, corpus, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def copy_run(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    return to
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pi_lora import run
+    with run.writing(Path(sys.argv[1])):
+        if len(sys.argv) > 2:  # a save in progress: a temporary beside the target
+            with run.atomic_dir(Path(sys.argv[2])) as tmp:
+                (tmp / "weights").write_bytes(b"x" * 4096)
+                print("held", flush=True)
+                time.sleep(600)
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def hold(target: Path, inside: Path | None = None) -> subprocess.Popen:
+    """A second, real process holding `target`'s write lock (and writing `inside` under it)."""
+    argv = [sys.executable, "-c", HOLDER, str(target)] + ([str(inside)] if inside else [])
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+# 1. One writer per run folder --------------------------------------------------------------------
+
+
+def test_second_trainer_is_refused_naming_the_first(tiny_base, corpus, tmp_path):
+    out = tmp_path / "shared"
+    first = spawn(args(tiny_base, corpus, out, "--steps", "400", "--set", "train.save_every=1000"))
+    try:
+        wait_for_step(first, out, 1)
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            message = refused(args(tiny_base, corpus, out, "--steps", "2", *extra))
+            assert f"in use by process {first.pid}" in message and "pi-lora train" in message
+        rows = run.read_metrics(out)
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # one writer's rows only
+        assert (out / run.RECIPE).is_file()  # --overwrite deleted nothing
+    finally:
+        kill(first)
+    with run.writing(out):  # kill -9 leaves no stale lock
+        pass
+
+
+def test_locked_folder_refuses_train_and_merge_and_overwrite(done, tiny_base, corpus, tmp_path):
+    out = copy_run(done, tmp_path / "run")
+    merged = tmp_path / "merged"
+    before = tree(out)
+    holder = hold(out)
+    try:
+        assert f"in use by process {holder.pid}" in refused(args(tiny_base, corpus, out, "--overwrite"))
+        assert "in use" in refused(["merge", str(out), "--output", str(tmp_path / "m2")])  # it reads the run
+        assert tree(out) == before and not (tmp_path / "m2").exists()
+    finally:
+        kill(holder)
+    holder = hold(merged)
+    try:
+        assert f"in use by process {holder.pid}" in refused(["merge", str(out), "--output", str(merged)])
+    finally:
+        kill(holder)
+    assert RUNNER.invoke(app, ["merge", str(out), "--output", str(merged)]).exit_code == 0
+
+
+def test_lock_leaves_no_file_behind(tmp_path):
+    target = tmp_path / "out"
+    with run.writing(target):
+        assert run.lock_file(target).is_file()
+    assert list(tmp_path.iterdir()) == []
+
+
+# 2. Resume checks the run, not itself ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("rope.target_len", 128, "rope.target_len: 256 -> 128"),
+    ("lora.rank", 8, "lora.rank: 4 -> 8"),
+    ("train.lr", 0.1, "train.lr: 0.005 -> 0.1"),
+])
+def test_resume_refuses_an_edited_recipe(done, tmp_path, key, value, shown):
+    out = copy_run(done, tmp_path / "edited")
+    recipe = yaml.safe_load((out / run.RECIPE).read_text())
+    section, leaf = key.split(".")
+    recipe[section][leaf] = value
+    (out / run.RECIPE).write_text(yaml.safe_dump(recipe))
+    before = tree(out)
+    message = refused(["train", "--resume", "--output", str(out), "--steps", "10"])
+    assert shown in message and "checkpoint step-8" in message
+    assert tree(out) == before
+
+
+def test_resume_without_checkpoint_starts_from_step_0(done, tiny_base, corpus, tmp_path):
+    out = tmp_path / "early"
+    proc = spawn(args(tiny_base, corpus, out, "--set", "train.save_every=100"))
+    wait_for_step(proc, out, 2)
+    kill(proc)
+    assert run.checkpoints(out) == []
+    result = invoke(["train", "--resume", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "training starts from step 0" in " ".join(result.output.split())
+    assert losses(out) == pytest.approx(losses(done), rel=1e-6)
+
+
+# 3. Loading a checkpoint runs no code ------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this creates a file: the side effect a crafted state.pt would have."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_checkpoint_is_refused_and_does_not_run(done, tmp_path):
+    import pickle
+
+    out = copy_run(done, tmp_path / "crafted")
+    marker = tmp_path / "pwned"
+    for checkpoint in run.checkpoints(out):  # every checkpoint replaced by an old-style pickle
+        shutil.rmtree(checkpoint)
+        checkpoint.mkdir()
+        (checkpoint / "state.pt").write_bytes(pickle.dumps({"step": 8, "x": Payload(marker)}))
+    pickle.loads(pickle.dumps(Payload(tmp_path / "probe")))  # the payload does work when unpickled
+    assert (tmp_path / "probe").exists()
+    message = refused(["train", "--resume", "--output", str(out), "--steps", "10"])
+    assert "no checkpoint" in message and "pickle" in message and "not loaded" in message
+    assert not marker.exists()
+
+
+def test_pi_lora_never_unpickles():
+    source = "".join(p.read_text() for p in Path(run.__file__).parent.glob("*.py"))
+    assert "weights_only=False" not in source and "pickle.load" not in source and "torch.load(" not in source
+
+
+# 4. A damaged newest checkpoint falls back -------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit-state", "drop-state"])
+def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(done, tmp_path, damage):
+    out = copy_run(done, tmp_path / "damaged")
+    newest = out / run.CHECKPOINTS / "step-8"
+    if damage == "truncate":
+        truncate(newest / run.TENSORS, 100)
+    elif damage == "edit-state":
+        state = json.loads((newest / run.STATE).read_text())
+        state["sequences_seen"] = 0
+        (newest / run.STATE).write_text(json.dumps(state))
+    else:
+        (newest / run.STATE).unlink()
+    result = RUNNER.invoke(app, ["train", "--resume", "--output", str(out), "--steps", "10"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "checkpoint skipped: step-8" in text and "resuming from step-6 instead" in text
+    assert losses(out)[:8] == pytest.approx(losses(done), rel=1e-6) and len(losses(out)) == 10
+
+
+def test_no_readable_checkpoint_is_one_line(done, tmp_path):
+    out = copy_run(done, tmp_path / "broken")
+    for checkpoint in run.checkpoints(out):
+        truncate(checkpoint / run.TENSORS, 10)
+    before = tree(out)
+    message = refused(["train", "--resume", "--output", str(out), "--steps", "10"])
+    assert "no checkpoint" in message and "step-8: tensors.safetensors is 10 bytes" in message
+    assert tree(out) == before
+
+
+# 5. Corrupt or impossible input: one line, exit 2, nothing written --------------------------------
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage"])
+def test_damaged_adapter_is_refused_by_merge(done, tmp_path, how):
+    out = copy_run(done, tmp_path / "run")
+    weights = out / run.ADAPTER / "adapter_model.safetensors"
+    truncate(weights, 200) if how == "truncate" else weights.write_bytes(os.urandom(4096))
+    message = refused(["merge", str(out), "--output", str(tmp_path / "merged")])
+    assert str(weights) in message
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(PiLoraError, match="adapter_model.safetensors"):
+        run.verify_adapter(out / run.ADAPTER)
+
+
+def test_damaged_metadata_is_refused(done, tmp_path):
+    out = copy_run(done, tmp_path / "run")
+    truncate(out / run.META, 40)
+    assert "pi_lora.json' is damaged" in refused(["merge", str(out), "--output", str(tmp_path / "m")])
+    assert "pi_lora.json' is damaged" in refused(["train", "--resume", "--output", str(out), "--steps", "10",
+                                                 "--set", "train.save_every=100"])
+    assert not (tmp_path / "m").exists()
+
+
+def test_damaged_base_weights_are_refused(done, tiny_base, corpus, tmp_path):
+    broken = tmp_path / "base"
+    shutil.copytree(tiny_base, broken)
+    truncate(broken / "model.safetensors", 1000)
+    out = copy_run(done, tmp_path / "run")
+    message = refused(["merge", str(out), "--base", str(broken), "--output", str(tmp_path / "m")])
+    assert str(broken / "model.safetensors") in message and not (tmp_path / "m").exists()
+    message = refused(args(broken, corpus, tmp_path / "new"))
+    assert "cannot load" in message and not (tmp_path / "new").exists()
+
+
+def test_garbage_gguf_base_is_refused(corpus, tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + os.urandom(2000))
+    assert "cannot read GGUF" in refused(args(fake, corpus, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_that_cannot_be_created(tiny_base, corpus, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "is a file, not a folder" in refused(args(tiny_base, corpus, blocker / "run"))
+    assert blocker.read_text() == "x"
+
+
+def test_corrupt_token_cache_is_rebuilt(tiny_base, corpus, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from pi_lora.recipe import DataSection
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    section, files = DataSection(source=str(corpus)), data.local_files(str(corpus))
+    first = np.array(data.cached_tokens(section, files, tokenizer, tmp_path))
+    (cache,) = tmp_path.glob("*.npy")
+    for damage in (lambda: truncate(cache, cache.stat().st_size // 2), lambda: cache.write_bytes(os.urandom(500))):
+        damage()
+        again = data.cached_tokens(section, files, tokenizer, tmp_path)
+        assert np.array_equal(first, again)
+        assert "cannot be used" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache.name, cache.with_suffix(".json").name])
+
+
+# 6. No silent data loss -------------------------------------------------------------------------
+
+
+def jsonl(tmp_path: Path, rows: list) -> Path:
+    from pi_lora.demo import TEXT
+
+    text = TEXT.read_text()
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r if r is not None else {"text": text[i * 5000:(i + 1) * 5000]}) + "\n"
+                            for i, r in enumerate(rows)))
+    return path
+
+
+def test_rows_without_text_are_an_error_or_skipped_and_counted(tiny_base, tmp_path):
+    source = jsonl(tmp_path, [None, {"id": 7}, None, None])
+    out = tmp_path / "out"
+    message = refused(args(tiny_base, source, out))
+    assert "data row 2 has no 'text'" in message and "data.skip_bad_rows" in message and not out.exists()
+    result = invoke(args(tiny_base, source, out, "--steps", "1", "--set", "data.skip_bad_rows=true"))
+    assert result.exit_code == 0, result.output
+    assert "1 row(s) without text skipped" in " ".join(result.output.split())
+
+
+def test_non_string_text_names_the_row(tiny_base, tmp_path):
+    source = jsonl(tmp_path, [{"text": ["a paragraph", "another"]}] * 3)  # a column of lists, not text
+    message = refused(args(tiny_base, source, tmp_path / "out", "--set", "data.skip_bad_rows=true"))
+    assert "data row 1 has a list in 'text', not text" in message and not (tmp_path / "out").exists()
+
+
+# 7. No leftovers that live forever --------------------------------------------------------------
+
+
+def test_temporaries_of_a_killed_merge_are_removed_by_the_next(done, tmp_path):
+    out = copy_run(done, tmp_path / "run")
+    merged = out / run.MERGED
+    holder = hold(merged, inside=merged)  # a merge in progress, then killed -9
+    stale = [p for p in out.iterdir() if run.MARK in p.name]
+    assert len(stale) == 1 and (stale[0] / "weights").is_file()
+    assert "in use" in refused(["merge", str(out)])
+    assert stale[0].exists()  # not touched while its writer lives
+    kill(holder)
+    result = RUNNER.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "removed" in " ".join(result.output.split()) and not stale[0].exists()
+    assert not [p for p in out.iterdir() if run.MARK in p.name or p.name.endswith(".lock")]
+
+
+def test_temporaries_of_a_killed_checkpoint_save_are_removed_on_resume(done, tmp_path):
+    out = copy_run(done, tmp_path / "run")
+    holder = hold(out, inside=out / run.CHECKPOINTS / "step-9")
+    kill(holder)
+    stale = [p for p in (out / run.CHECKPOINTS).iterdir() if run.MARK in p.name]
+    assert len(stale) == 1
+    result = RUNNER.invoke(app, ["train", "--resume", "--output", str(out), "--steps", "9"])
+    assert result.exit_code == 0, result.output
+    assert not stale[0].exists() and "removed" in result.output
+    assert [c.name for c in run.checkpoints(out)] == ["step-8", "step-9"]
+
+
+# 8. Limits and defaults -------------------------------------------------------------------------
+
+
+def test_rank_above_the_smallest_targeted_dimension(tiny_base, corpus, tmp_path):
+    # the tiny base: hidden 64, 2 key/value heads of 16, so k_proj maps 64 -> 32
+    message = refused(args(tiny_base, corpus, tmp_path / "out", "--rank", "33"))
+    assert "lora.rank 33 is larger than k_proj's smaller dimension (32)" in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "0", "-1e-4"])
+def test_learning_rate_is_finite_and_positive(tiny_base, corpus, tmp_path, lr):
+    assert "train.lr" in refused(args(tiny_base, corpus, tmp_path / "out", "--lr", lr))
+
+
+def test_every_set_problem_is_reported_together(tiny_base, corpus, tmp_path):
+    message = refused(args(tiny_base, corpus, tmp_path / "out", "--set", "lora.rank", "--set", "train.betas=[0.9,",
+                           "--set", "lora.rnak=4", "--set", "train.warmup_steps=-1"))
+    assert "--set 'lora.rank': expected key.path=value" in message
+    assert "--set 'train.betas=[0.9,': the value is not valid YAML" in message
+    assert "lora.rnak: unknown key" in message and "train.warmup_steps:" in message
+
+
+# 9. trust_remote_code is part of the run ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coded_base(tiny_base, tmp_path_factory):
+    """The tiny base as a model that ships its own code (auto_map), as hub models with custom
+    architectures do; loading it runs that code only with trust_remote_code."""
+    folder = tmp_path_factory.mktemp("coded") / "model"
+    shutil.copytree(tiny_base, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="marked_llama", architectures=["MarkedForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_marked.MarkedConfig",
+                            "AutoModelForCausalLM": "modeling_marked.MarkedForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_marked.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass MarkedConfig(LlamaConfig):\n    model_type = 'marked_llama'\n")
+    (folder / "modeling_marked.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_marked import MarkedConfig\n\n\n"
+        "class MarkedForCausalLM(LlamaForCausalLM):\n    config_class = MarkedConfig\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def coded_run(coded_base, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("coded-run") / "run"
+    result = invoke(args(coded_base, corpus, out, "--steps", "2", "--trust-remote-code"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_remote_code_needs_the_flag_to_train(coded_base, corpus, tmp_path):
+    assert "trust_remote_code" in refused(args(coded_base, corpus, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_with_remote_code_records_it_and_merge_needs_the_flag_again(coded_run, tmp_path):
+    assert run.read_meta(coded_run)["trust_remote_code"] is True
+    merged = tmp_path / "merged"
+    message = refused(["merge", str(coded_run), "--output", str(merged)])
+    assert "--trust-remote-code" in message and not merged.exists()
+    result = RUNNER.invoke(app, ["merge", str(coded_run), "--output", str(merged), "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output and (merged / "modeling_marked.py").is_file()
+
+
+def test_resume_of_a_run_with_remote_code_needs_the_flag_again(coded_run, tmp_path):
+    out = copy_run(coded_run, tmp_path / "run")
+    assert "--trust-remote-code" in refused(["train", "--resume", "--output", str(out), "--steps", "3"])
+    result = RUNNER.invoke(app, ["train", "--resume", "--output", str(out), "--steps", "3", "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert len(losses(out)) == 3
+
+
+def test_require_trust():
+    run.require_trust({"trust_remote_code": False}, False, "eval")
+    run.require_trust({"trust_remote_code": True}, True, "eval")
+    with pytest.raises(PiLoraError, match="eval runs it too only with --trust-remote-code"):
+        run.require_trust({"trust_remote_code": True, "base": "x"}, False, "eval")
