@@ -1,4 +1,5 @@
-"""Errors a user can act on. The CLI prints their message and exits with their code."""
+"""Errors a user can act on. The CLI prints their message and exits with their code:
+2 bad input, 3 out of memory, 130 interrupted (Ctrl-C or SIGTERM). 1 is left to crashes (a bug)."""
 
 
 def first_line(error: BaseException) -> str:
@@ -24,4 +25,4 @@ class RecipeError(PiLoraError):
 class OutOfMemory(PiLoraError):
     """The accelerator ran out of memory; the message says what to change."""
 
-    exit_code = 1
+    exit_code = 3

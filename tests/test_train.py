@@ -156,7 +156,7 @@ def test_out_of_memory_is_explained_and_keeps_the_checkpoint(tiny_base, corpus, 
     monkeypatch.setattr(train_mod, "step_loss", failing)
     out = tmp_path / "oom"
     result = RUNNER.invoke(app, args(tiny_base, corpus, out))
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert "out of memory at length 256" in result.output and "train.batch_size" in result.output
     assert [c.name for c in run.checkpoints(out)] == ["step-2"]
 
