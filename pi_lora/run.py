@@ -215,7 +215,7 @@ def _lock(target: Path, shared: bool, wait: bool):
 def holds(target: Path) -> bool:
     """Whether this process holds the write lock of `target` or of a folder above it."""
     target = Path(target).absolute()
-    for p in [target, *target.parents]:
+    for p in [target, *target.parents][:-1]:  # the root has no name, and no lock beside it
         h = _held.get(lock_file(p))
         if h is not None and not h[2]:
             return True
@@ -525,11 +525,14 @@ def read_metrics(folder: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill
             break
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            break
+        rows.append(row)
     return rows
 
 

@@ -340,7 +340,8 @@ def latest_checkpoint(folder: Path, console: Console) -> tuple[Path, dict] | Non
             problems.append(f"{checkpoint.name}: {e}")
             continue
         for problem in problems:
-            console.print(f"[yellow]checkpoint skipped[/]: {problem}; resuming from {checkpoint.name} instead.")
+            console.print(f"[yellow]checkpoint skipped[/]: {problem}; resuming from {checkpoint.name} instead.",
+                          highlight=False)
         return checkpoint, state
     if problems:
         raise PiLoraError(f"no checkpoint of '{folder}' can be used ({'; '.join(problems)}). Start again "
