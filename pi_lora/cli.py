@@ -94,7 +94,8 @@ def recorded_recipe(folder: Path, checkpoint) -> tuple[dict, str]:
 
 def check_resume_changes(recorded: dict, where: str, resolved) -> None:
     """Refuse every change to what the run computes, naming the key, its old and its new value."""
-    saved = recipes_mod.leaves(recorded)
+    # a setting newer than the run was recorded with has its default there
+    saved = {**recipes_mod.leaves(recipes_mod.Recipe().model_dump(mode="json")), **recipes_mod.leaves(recorded)}
     now = recipes_mod.leaves(resolved.model_dump(mode="json"))
     changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
                if now[k] != saved.get(k) and k not in RESUMABLE]

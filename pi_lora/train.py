@@ -376,6 +376,8 @@ def restore(checkpoint: Path, state: dict, net, optimizer, sched) -> tuple[int, 
         optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     set_rng_state(rngs[world.rank])
+    for key in ("weights", "optimizer"):  # in the model and optimizer now; callers keep `state`
+        state.pop(key)
     return state["step"], state["sequences_seen"], state.get("best")
 
 
