@@ -29,8 +29,6 @@ import json
 import os
 import re
 import shutil
-import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
