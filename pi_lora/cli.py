@@ -94,7 +94,8 @@ def recorded_recipe(folder: Path, checkpoint) -> tuple[dict, str]:
 
 def check_resume_changes(recorded: dict, where: str, resolved) -> None:
     """Refuse every change to what the run computes, naming the key, its old and its new value."""
-    saved = recipes_mod.leaves(recorded)
+    # a setting newer than the run was recorded with has its default there
+    saved = {**recipes_mod.leaves(recipes_mod.Recipe().model_dump(mode="json")), **recipes_mod.leaves(recorded)}
     now = recipes_mod.leaves(resolved.model_dump(mode="json"))
     changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
                if now[k] != saved.get(k) and k not in RESUMABLE]
@@ -138,7 +139,7 @@ def train(
     gpus: Optional[int] = typer.Option(None, help="Split the layers across this many GPUs (one long sequence on several cards). Recipe key: model.gpus."),
     shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Under torchrun: shard the base and the LoRA state across the processes (FSDP2), for bases too large for one card. Recipe key: model.shard."),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its newest whole checkpoint (a damaged one is skipped, said so; with none yet, from step 0)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
 ):
     """Extend a base model by Position Interpolation and train a LoRA adapter at the new length.

@@ -29,8 +29,6 @@ import json
 import os
 import re
 import shutil
-import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -142,8 +140,11 @@ def _acquire(path: Path, shared: bool, wait: bool) -> int | None:
             same = False
         if same:
             if not shared:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()} {_command(str(os.getpid()))}\n".encode())
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()} {_command(str(os.getpid()))}\n".encode())
+                except OSError:  # opened read-only: the lock holds, only the note is missing
+                    pass
             return fd
         os.close(fd)
 
@@ -193,16 +194,19 @@ def _lock(target: Path, shared: bool, wait: bool):
             raise PiLoraError(f"'{target}' is read by this command; it cannot also write it.")
         held[1] += 1
     else:
-        if not shared:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        elif not path.parent.is_dir():
+        if shared and not path.parent.is_dir():
             yield
             return
+        made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PiLoraError(f"cannot create the folder '{path.parent}': {e.strerror}.") from None
         fd = _acquire(path, shared, wait)
         if fd is None:
             yield
             return
-        held = _held[path] = [fd, 1, shared]
+        held = _held[path] = [fd, 1, shared, made]
     try:
         yield
     finally:
@@ -210,12 +214,17 @@ def _lock(target: Path, shared: bool, wait: bool):
         if held[1] == 0:
             del _held[path]
             _release(path, held[0])
+            for folder in held[3]:  # folders made only for the lock go again when nothing was written
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def holds(target: Path) -> bool:
     """Whether this process holds the write lock of `target` or of a folder above it."""
     target = Path(target).absolute()
-    for p in [target, *target.parents]:
+    for p in [target, *target.parents][:-1]:  # the root has no name, and no lock beside it
         h = _held.get(lock_file(p))
         if h is not None and not h[2]:
             return True
@@ -525,11 +534,14 @@ def read_metrics(folder: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill
             break
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            break
+        rows.append(row)
     return rows
 
 

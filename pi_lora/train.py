@@ -343,7 +343,8 @@ def latest_checkpoint(folder: Path, console: Console) -> tuple[Path, dict] | Non
             problems.append(f"{checkpoint.name}: {e}")
             continue
         for problem in problems:
-            console.print(f"[yellow]checkpoint skipped[/]: {problem}; resuming from {checkpoint.name} instead.")
+            console.print(f"[yellow]checkpoint skipped[/]: {problem}; resuming from {checkpoint.name} instead.",
+                          highlight=False)
         return checkpoint, state
     if problems:
         raise PiLoraError(f"no checkpoint of '{folder}' can be used ({'; '.join(problems)}). Start again "
@@ -378,6 +379,8 @@ def restore(checkpoint: Path, state: dict, net, optimizer, sched) -> tuple[int, 
         optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     set_rng_state(rngs[world.rank])
+    for key in ("weights", "optimizer"):  # in the model and optimizer now; callers keep `state`
+        state.pop(key)
     return state["step"], state["sequences_seen"], state.get("best")
 
 

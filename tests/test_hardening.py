@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -435,3 +434,19 @@ def test_require_trust():
     run.require_trust({"trust_remote_code": True}, True, "eval")
     with pytest.raises(PiLoraError, match="eval runs it too only with --trust-remote-code"):
         run.require_trust({"trust_remote_code": True, "base": "x"}, False, "eval")
+
+
+def test_an_os_error_is_one_line(done, monkeypatch, tmp_path):
+    import pi_lora.merge as merge_mod
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "merged" / "model.safetensors"))
+
+    monkeypatch.setattr(merge_mod, "merge", full)
+    message = refused(["merge", str(done), "--output", str(tmp_path / "merged")])
+    assert f"No space left on device: '{tmp_path / 'merged' / 'model.safetensors'}'" in message
+
+
+def test_damaged_metrics_lines_are_dropped(tmp_path):
+    (tmp_path / run.METRICS).write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n{"step": 3}\n')
+    assert run.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
