@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -114,14 +114,14 @@ def versions() -> str:
 def main() -> None:
     import torch
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="[cuda when there is one]")
     p.add_argument("--lengths", default=None, help="comma-separated [16384,32768; --tiny: 256,512]")
-    p.add_argument("--methods", default="usual,pi-lora,pi-lora-min")
+    p.add_argument("--methods", default="usual,pi-lora,pi-lora-min", help="comma-separated [all three]")
     p.add_argument("--layers", type=int, default=None, help="decoder layers [32; --tiny: 2]")
     p.add_argument("--tiny", action="store_true", help="a tiny LLaMA (hidden 64, vocab 512): tests the flow, writes no docs")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per point, after one warm-up step")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per point, after one warm-up step [2]")
     p.add_argument("--loss-chunk", type=int, default=None, help="[4096; --tiny: 128]")
     p.add_argument("--mlp-tile", type=int, default=None, help="[4096; --tiny: 128]")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per point [0: all]")
@@ -143,15 +143,19 @@ def main() -> None:
     names = args.methods.split(",")
     if set(names) - set(chosen):
         sys.exit(f"--methods: unknown {sorted(set(names) - set(chosen))}; choose from {', '.join(chosen)}")
-    device = (torch.cuda.get_device_name(0) + f", {torch.cuda.get_device_properties(0).total_memory / GIB:.0f} GiB"
-              if cuda else f"{platform.processor() or platform.machine()} CPU")
-
     folder = work_folder(args.work, llama.size_bytes(config))
     began = time.perf_counter()
-    if not (args.keep_base and (folder / "config.json").is_file()):
+    # in a process of its own, like every point: this one then holds no GPU memory while they run
+    writer = [sys.executable, llama.__file__, str(folder), json.dumps(config), args.device]
+    if args.keep_base and (folder / "config.json").is_file():
+        writer = [sys.executable, llama.__file__, args.device]  # reuse it; only name the device
+    else:
         shutil.rmtree(folder, ignore_errors=True)
-        llama.build_base(folder, config, "cuda" if cuda else "cpu")
-        print(f"random base in {folder} ({time.perf_counter() - began:.0f} s)", flush=True)
+    done = subprocess.run(writer, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"writing the random base failed:\n{done.stderr[-2000:]}")
+    device = done.stdout.strip().splitlines()[-1]
+    print(f"base in {folder} ({time.perf_counter() - began:.0f} s); {device}", flush=True)
     head = ["| method | length | peak GiB | plan GiB | peak reserved GiB | step (s) | tokens/s | first-step loss |",
             "|---|---|---|---|---|---|---|---|"]
     print("\n".join(head), flush=True)

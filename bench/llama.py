@@ -76,3 +76,20 @@ def build_base(folder: Path, c: dict, on: torch.device | str = "cpu", layers_per
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(c))
     return folder
+
+
+def describe(on: str) -> str:
+    if on == "cuda":
+        return f"{torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB"
+    import platform
+
+    return f"{platform.processor() or platform.machine()} CPU"
+
+
+if __name__ == "__main__":  # [FOLDER CONFIG_JSON] DEVICE: write a base in a process of its own, name the device
+    import sys
+
+    *base, on = sys.argv[1:]
+    if base:
+        build_base(Path(base[0]), json.loads(base[1]), on)
+    print(describe(on))

@@ -133,8 +133,13 @@ def run(point: dict) -> dict:
     if on.type == "cuda":
         on = torch.device("cuda", torch.cuda.current_device())
     build = usual_model if point["method"] == "usual" else pi_lora_model
+    from pi_lora.errors import OutOfMemory
+
     holder = {}
-    step, peak, planned, vocab = build(point, on, lambda: holder.setdefault("peak", Peak(on)))
+    try:
+        step, peak, planned, vocab = build(point, on, lambda: holder.setdefault("peak", Peak(on)))
+    except (torch.OutOfMemoryError, OutOfMemory):
+        return {"status": "oom", "error": "out of memory while loading"}
     record = {"status": "ok", **peak.start(), "planned": planned, "seconds": [], "losses": []}
     ids = torch.randint(0, vocab, (1, point["length"]), generator=torch.Generator().manual_seed(0)).to(on)
     try:
