@@ -109,7 +109,7 @@ smoke() {
   else
     say "no CUDA here: the CPU versions"
     "$PYTHON" bench/compare.py --device cpu --tiny --steps 1 --out "$OUT/smoke-compare.json" || failed+=("compare.py on CPU")
-    "$PYTHON" bench/gpu_split.py --devices cpu,cpu --length 512 --out "$OUT/gpu_split.json" 2>&1 \
+    "$PYTHON" bench/gpu_split.py --devices cpu,cpu --length 1024 --out "$OUT/gpu_split.json" 2>&1 \
       | grep -v "Writing model" || failed+=("gpu_split.py")
   fi
   if [ ${#failed[@]} = 0 ]; then
