@@ -80,8 +80,8 @@ class Peak:
         return {"peak": self.peak - self.baseline}
 
 
-def pi_lora_model(point: dict, on, peak_baseline):
-    """The model and step of `pi-lora train` for this point's recipe; returns (step, planned peak)."""
+def pi_lora_model(point: dict, on):
+    """The model and step of `pi-lora train` for this point's recipe: (step, Peak, planned peak, vocab)."""
     import torch
 
     from pi_lora import model, plan, rope, train
@@ -97,7 +97,7 @@ def pi_lora_model(point: dict, on, peak_baseline):
     settings = plan.Settings.of(recipe, dtype.itemsize)
     planned = plan.estimate(plan.Shape.of(config), settings, cuda=on.type == "cuda").peak
     train.seed_everything(recipe.train.seed)
-    peak = peak_baseline()  # libraries imported, config read; nothing of the model yet
+    peak = Peak(on)  # libraries imported, config read; nothing of the model yet
     net = train.build_model(recipe, config, on, dtype, settings).train()
     params = list(train.trainable(net).values())
     t = recipe.train
@@ -113,14 +113,15 @@ def pi_lora_model(point: dict, on, peak_baseline):
     return step, peak, planned, config.vocab_size
 
 
-def usual_model(point: dict, on, peak_baseline):
+def usual_model(point: dict, on):
+    """The usual loop (bench/usual.py): (step, Peak, None, vocab)."""
     import torch
 
     import usual
 
     dtype = torch.bfloat16 if on.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    peak = peak_baseline()
+    peak = Peak(on)
     net = usual.load(point["base"], point["length"], on, dtype).train()
     opt = usual.optimizer(net)
     return (lambda ids: usual.step(net, opt, ids, dtype)), peak, None, net.config.vocab_size
@@ -135,9 +136,8 @@ def run(point: dict) -> dict:
     build = usual_model if point["method"] == "usual" else pi_lora_model
     from pi_lora.errors import OutOfMemory
 
-    holder = {}
     try:
-        step, peak, planned, vocab = build(point, on, lambda: holder.setdefault("peak", Peak(on)))
+        step, peak, planned, vocab = build(point, on)
     except (torch.OutOfMemoryError, OutOfMemory):
         return {"status": "oom", "error": "out of memory while loading"}
     record = {"status": "ok", **peak.start(), "planned": planned, "seconds": [], "losses": []}
