@@ -21,7 +21,7 @@ PY_VERSION=${PY_VERSION:-3.12}
 KJV=${KJV:-../shared/data/kjv-books.jsonl}
 PACKAGES=${PACKAGES:-bitsandbytes pydantic pydantic_core annotated-types typing-inspection typing_extensions \
   datasets dill multiprocess gguf peft}
-DL=.gpu/downloads  # pip's downloads, kept as a cache
+DL=.gpu/downloads/py$PY_VERSION  # pip's downloads, kept as a cache
 mkdir -p "$DL" .gpu/wheels
 grep -qxF '.gpu/' .gitignore 2>/dev/null || echo '.gpu/' >> .gitignore
 
@@ -32,8 +32,11 @@ platforms=()
 for n in 28 27 24 17; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 echo "== wheels for Python $PY_VERSION, x86_64: ${specs[*]}"
-$PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
-  "${platforms[@]}" -d "$DL" "${specs[@]}"
+if ! $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
+    "${platforms[@]}" -d "$DL" "${specs[@]}" > "$DL/pip.log" 2>&1; then
+  grep -v "^WARNING: Location" "$DL/pip.log" >&2
+  exit 1
+fi
 
 # exactly one wheel per package (two versions of one would stop the install)
 rm -f .gpu/wheels/*.whl
