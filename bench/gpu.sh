@@ -189,14 +189,16 @@ PY
 }
 
 main() {
+  local rc=0
   case "$PART" in
-    smoke) smoke ;;
-    7b) setup; part_7b ;;
-    smollm2) setup; part_smollm2 ;;
-    full) setup; local rc=0; part_7b || { rc=1; say "7B part failed"; }; part_smollm2 || rc=1; return $rc ;;
+    smoke) smoke || rc=1 ;;
+    7b) setup && part_7b || rc=1 ;;
+    smollm2) setup && part_smollm2 || rc=1 ;;
+    full) setup || return 1; part_7b || { rc=1; say "7B part failed"; }; part_smollm2 || rc=1 ;;
     *) echo "usage: bash bench/gpu.sh smoke|7b|smollm2|full" >&2; exit 2 ;;
   esac
-  say "done: $PART"
+  say "$([ $rc = 0 ] && echo done || echo FAILED): $PART"
+  return $rc
 }
 
 main 2>&1 | tee "$OUT/gpu-$PART.log"
