@@ -1,4 +1,4 @@
-"""The layer split (`model.gpus`, issue 6) equals one device in loss and gradients; memory per card.
+"""The layer split (`model.gpus`) equals one device in loss and gradients; memory per card.
 
 A 1-GPU machine can still run the device-map code path: the second "card" is the CPU. The model
 is built here (LLaMA-shaped, hidden 1024, 8 layers, random weights), unquantized fp32 so that both
@@ -34,9 +34,9 @@ def compute_devices(names: list[str]) -> list[torch.device]:
     """Device-map values that accelerate computes on.
 
     accelerate reads the string "cpu" in a device map beside a GPU as offload (weights on the meta
-    device, streamed in by hooks: training through them fails, as the first H200 run of this script
-    showed), but a torch.device("cpu") as a place to compute. With cpu,cpu the map has one device,
-    so no hooks: that run checks this script, not the dispatch.
+    device, streamed in by hooks, which training through fails), but a torch.device("cpu") as a
+    place to compute. With cpu,cpu the map has one device, so no hooks: that run checks this
+    script, not the dispatch.
     """
     return [torch.device(n) for n in names]
 

@@ -25,47 +25,11 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=11008,
-    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-    max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-    bos_token_id=1, eos_token_id=2, dtype="bfloat16",
-)
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def layer_shapes(i: int, c: dict) -> dict[str, tuple]:
-    h, m, p = c["hidden_size"], c["intermediate_size"], f"model.layers.{i}."
-    shapes = {f"{p}self_attn.{n}.weight": (h, h) for n in TARGETS}
-    shapes |= {f"{p}mlp.gate_proj.weight": (m, h), f"{p}mlp.up_proj.weight": (m, h),
-               f"{p}mlp.down_proj.weight": (h, m), f"{p}input_layernorm.weight": (h,),
-               f"{p}post_attention_layernorm.weight": (h,)}
-    return shapes
-
-
-def build_base(folder: Path, c: dict, layers_per_shard: int = 4) -> None:
-    """Random bf16 weights, written shard by shard so the generator never holds the model."""
-    folder.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    groups = [list(range(i, min(i + layers_per_shard, c["num_hidden_layers"])))
-              for i in range(0, c["num_hidden_layers"], layers_per_shard)]
-    n = len(groups)
-    weight_map, total = {}, 0
-    for k, group in enumerate(groups):
-        shapes = {name: s for i in group for name, s in layer_shapes(i, c).items()}
-        if k == 0:
-            shapes["model.embed_tokens.weight"] = (c["vocab_size"], c["hidden_size"])
-        if k == n - 1:
-            shapes |= {"model.norm.weight": (c["hidden_size"],), "lm_head.weight": (c["vocab_size"], c["hidden_size"])}
-        tensors = {name: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for name, s in shapes.items()}
-        shard = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        save_file(tensors, folder / shard, metadata={"format": "pt"})
-        weight_map |= {name: shard for name in tensors}
-        total += sum(t.numel() * 2 for t in tensors.values())
-        del tensors
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(c))
+from llama import LLAMA_7B as CONFIG  # noqa: E402
+from llama import TARGETS, build_base  # noqa: E402
+from report import write_section  # noqa: E402
 
 
 def build_run(folder: Path, base: Path, c: dict, rank: int = 8) -> None:
@@ -157,15 +121,14 @@ def main() -> None:
         f"| pi-lora merge (streamed) | {ours_rss:.2f} | {ours_s:.0f} |",
         f"| peft merge_and_unload (whole model) | {usual_rss:.2f} | {usual_s:.0f} |",
     ]
-    summary = (f"\n## Merge, LLaMA-7B-shaped ({args.layers} layers, {size:.1f} GB bf16, r=8 q/k/v/o), "
+    summary = (f"## Merge, LLaMA-7B-shaped ({args.layers} layers, {size:.1f} GB bf16, r=8 q/k/v/o), "
                f"{time.strftime('%Y-%m-%d')}, {platform.machine()} CPU, {torch.get_num_threads()} threads\n\n"
                + "\n".join(rows) + "\n\n"
                f"RSS ratio ours/usual: {ours_rss / usual_rss:.2f}; time ratio ours/usual: {ours_s / usual_s:.2f}; "
                f"max abs difference of merged tensors (bf16): {diff:.3g}. "
                "Command: `python bench/merge_7b.py`.\n")
     print(summary)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write(summary)
+    write_section("## Merge, LLaMA-7B-shaped", summary)
     shutil.rmtree(args.work, ignore_errors=True)
 
 

@@ -1,8 +1,9 @@
 """Step time of `pi-lora train` against a minimal hand-written transformers + peft + bitsandbytes loop.
 
 Same model (LLaMA-shaped, random weights, built here), same length, NF4, LoRA r=8 on q/k/v/o,
-non-reentrant gradient checkpointing, batch 1, AdamW. The two alternate (A B A B ...) in one run and
-the median step time of each is compared (first steps dropped: warm-up). Appends to docs/benchmarks.md.
+non-reentrant gradient checkpointing, batch 1, AdamW; the minimal loop is bench/usual.py's. The two
+alternate (A B A B ...) in one run and the median step time of each is compared (first steps dropped:
+warm-up). Writes its section of docs/benchmarks.md.
 
     python bench/overhead.py --rounds 2 --steps 6
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -20,35 +22,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from report import write_section  # noqa: E402
+
+# the usual loop (bench/usual.py), timed step by step in its own process
 MINIMAL = r"""
-import sys, time, json, torch
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+import json, sys, time, torch
+import usual
 base, length, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-config = AutoConfig.from_pretrained(base)
-config.rope_parameters = {"rope_type": "linear", "factor": length / config.max_position_embeddings,
-                          "rope_theta": config.rope_parameters["rope_theta"]}
-q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                       bnb_4bit_compute_dtype=torch.float32)
-model = AutoModelForCausalLM.from_pretrained(base, config=config, quantization_config=q, dtype=torch.float32)
-for m in model.modules():  # the same bitsandbytes CPU guard as pi-lora, so both run the same kernels
-    if hasattr(m, "support_avx512bf16_for_cpu"):
-        m.support_avx512bf16_for_cpu = False
-model = prepare_model_for_kbit_training(model, True, {"use_reentrant": False})
-model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                         task_type="CAUSAL_LM"))
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
-model.train()
+net = usual.load(base, length, torch.device("cpu"), torch.float32).train()
+opt = usual.optimizer(net)
 gen = torch.Generator().manual_seed(0)
 times = []
 for _ in range(steps):
     ids = torch.randint(0, 500, (1, length), generator=gen)
     t = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids).loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    opt.step()
+    usual.step(net, opt, ids, torch.float32)
     times.append(time.perf_counter() - t)
 print(json.dumps(times))
 """
@@ -71,8 +61,9 @@ def ours(base: Path, length: int, steps: int, work: Path) -> list[float]:
 
 
 def minimal(base: Path, length: int, steps: int) -> list[float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "bench")])}
     proc = subprocess.run([sys.executable, "-c", MINIMAL, str(base), str(length), str(steps)],
-                          check=True, capture_output=True, text=True)
+                          check=True, capture_output=True, text=True, env=env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -90,7 +81,7 @@ def main() -> None:
             a += ours(base, args.length, args.steps, work)[2:]
             b += minimal(base, args.length, args.steps)[2:]
     ratio = statistics.median(a) / statistics.median(b)
-    summary = (f"\n## Step time: pi-lora vs a minimal loop, {time.strftime('%Y-%m-%d')}, {platform.machine()} CPU\n\n"
+    summary = (f"## Step time: pi-lora vs a minimal loop, {time.strftime('%Y-%m-%d')}, {platform.machine()} CPU\n\n"
                f"LLaMA-shaped (hidden 1024, 4 layers, vocab 512), NF4, LoRA r=8 q/k/v/o, length {args.length}, "
                f"batch 1, checkpointing; {args.rounds} alternating rounds of {args.steps} steps, first 2 dropped.\n\n"
                f"| loop | median step (s) | steps |\n|---|---|---|\n"
@@ -98,8 +89,7 @@ def main() -> None:
                f"| minimal transformers + peft loop | {statistics.median(b):.2f} | {len(b)} |\n\n"
                f"Ratio pi-lora / minimal: {ratio:.3f} (target: at most 1.05). Command: `python bench/overhead.py`.\n")
     print(summary)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write(summary)
+    write_section("## Step time: pi-lora vs a minimal loop", summary)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,9 @@
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoConfig
 
-from pi_lora import loss, model, rope
-from pi_lora.recipe import LoraSection, ModelSection
+from pi_lora import model, plan, rope, train
+from pi_lora.recipe import Recipe
 
 L = 2048  # L*L = 4.2M elements; the tiny model's largest other tensor (logits chunk) is far smaller
 
@@ -26,14 +25,19 @@ class LargestTensor(TorchDispatchMode):
 
 
 def training_step(tiny_base, attn: str):
-    config = AutoConfig.from_pretrained(tiny_base)
-    rope.apply(config, rope.interpolation(config, L))
-    section = ModelSection(base=str(tiny_base), quant="none", attn_implementation=attn)
-    net = model.add_lora(model.load_base(section, config, model.device()), LoraSection(rank=4), True).train()
-    ids = torch.randint(0, 500, (1, L), device=model.device())
+    """One step of the model `pi-lora train` builds (unquantized), watched."""
+    recipe = Recipe.model_validate({"model": {"base": str(tiny_base), "quant": "none", "attn_implementation": attn},
+                                    "rope": {"target_len": L}, "lora": {"rank": 4},
+                                    "train": {"loss_chunk": 256, "grad_accum": 1, "mlp_tile": 0}})
+    config = model.load_config(str(tiny_base))
+    rope.apply(config, rope.of_recipe(config, recipe.rope))
+    on = model.device()
+    dtype = model.compute_dtype(recipe.model.compute_dtype, on)
+    net = train.build_model(recipe, config, on, dtype, plan.Settings.of(recipe, dtype.itemsize)).train()
+    ids = torch.randint(0, 500, (1, L), device=on)
     watch = LargestTensor()
     with watch:
-        loss.backward(net, ids, chunk=256)
+        train.step_loss(net, iter([ids]), recipe.train, on, dtype)
     return watch
 
 

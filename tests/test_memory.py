@@ -2,21 +2,30 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from pi_lora import memory, model
-from pi_lora.recipe import LoraSection
+from pi_lora import memory, model, plan, train
+from pi_lora.recipe import Recipe
+
+
+def build(folder, quant="none", compute="fp32", narrow_to=None, **lora):
+    """The model `pi-lora train` builds (train.build_model), untiled; `narrow_to`: the dtype it narrows
+    to (default: the compute dtype; fp32 leaves peft's k-bit fp32 upcast as it is)."""
+    recipe = Recipe.model_validate({"model": {"base": str(folder), "quant": quant, "compute_dtype": compute},
+                                    "lora": lora, "train": {"mlp_tile": 0}})
+    on = torch.device("cpu")
+    dtype = model.compute_dtype(compute, on)
+    settings = plan.Settings.of(recipe, dtype.itemsize)
+    torch.manual_seed(0)
+    return train.build_model(recipe, model.load_config(str(folder)), on, narrow_to or dtype, settings).train()
 
 
 def lora_net(folder):
-    torch.manual_seed(0)
-    net = model.add_lora(AutoModelForCausalLM.from_pretrained(folder),
-                         LoraSection(rank=4, target_modules="all-linear", trainable=["norm"]), gradient_checkpointing=True)
+    net = build(folder, rank=4, target_modules="all-linear", trainable=["norm"])
     with torch.no_grad():
         for name, p in net.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    return net.train()
+    return net
 
 
 @pytest.mark.parametrize("tile", [1, 16, 50, 200])
@@ -37,18 +46,7 @@ def test_tiled_mlp_equals_plain(tiny_base, tile):
 
 
 def nf4_net(folder, trainable):
-    from transformers import AutoConfig
-
-    from pi_lora.recipe import ModelSection
-
-    section = ModelSection(base=str(folder), quant="nf4", compute_dtype="bf16")
-    base = model.load_base(section, AutoConfig.from_pretrained(folder), torch.device("cpu"))
-    torch.manual_seed(0)
-    net = model.add_lora(base, LoraSection(rank=4, trainable=trainable), gradient_checkpointing=True)
-    for p in net.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return net.train()
+    return build(folder, quant="nf4", compute="bf16", narrow_to=torch.float32, rank=4, trainable=trainable)
 
 
 def saved_dtypes(net, ids):
