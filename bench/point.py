@@ -84,15 +84,14 @@ def pi_lora_model(point: dict, on):
     """The model and step of `pi-lora train` for this point's recipe: (step, Peak, planned peak, vocab)."""
     import torch
 
-    from pi_lora import model, plan, rope, train
+    from pi_lora import model, plan, train
     from pi_lora.recipe import Recipe
 
     values = point.get("recipe", {})
     recipe = Recipe.model_validate({**values, "model": {**values.get("model", {}), "base": point["base"]},
                                     "rope": {**values.get("rope", {}), "target_len": point["length"]},
                                     "train": {"grad_accum": 1, **values.get("train", {})}})  # a step: one batch
-    config = model.load_config(recipe.model.base)
-    rope.apply(config, rope.of_recipe(config, recipe.rope))
+    config, _ = train.config_for(recipe)
     dtype = model.compute_dtype(recipe.model.compute_dtype, on)
     settings = plan.Settings.of(recipe, dtype.itemsize)
     planned = plan.estimate(plan.Shape.of(config), settings, cuda=on.type == "cuda").peak

@@ -54,17 +54,24 @@ class Prepared:
         return self.memory.estimate.settings
 
 
+def config_for(recipe: Recipe):
+    """The base's config with the recipe's rope setting applied, and that setting."""
+    m = recipe.model
+    config = model.load_config(m.base, m.revision, m.trust_remote_code)
+    model.check_rank(config, recipe.lora)
+    pi = rope.of_recipe(config, recipe.rope, model.TRAINED_LEN.get(m.base))
+    rope.check_trainable(pi)
+    rope.apply(config, pi)
+    return config, pi
+
+
 def prepare(recipe: Recipe, progress: Progress | None = None, resume: bool = False) -> Prepared:
     m = recipe.model
     if m.base == model.DEMO:
         from .demo import demo_base
 
         demo_base(progress)
-    config = model.load_config(m.base, m.revision, m.trust_remote_code)
-    model.check_rank(config, recipe.lora)
-    pi = rope.of_recipe(config, recipe.rope, model.TRAINED_LEN.get(m.base))
-    rope.check_trainable(pi)
-    rope.apply(config, pi)
+    config, pi = config_for(recipe)
     resolved = run.read_meta(Path(recipe.output)).get("resolved") if resume else None
     decision = plan_memory(recipe, config, resolved)
     tokenizer = model.load_tokenizer(m.base, m.revision, m.trust_remote_code)

@@ -3,7 +3,7 @@
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pi_lora import model, plan, rope, train
+from pi_lora import model, plan, train
 from pi_lora.recipe import Recipe
 
 L = 2048  # L*L = 4.2M elements; the tiny model's largest other tensor (logits chunk) is far smaller
@@ -29,8 +29,7 @@ def training_step(tiny_base, attn: str):
     recipe = Recipe.model_validate({"model": {"base": str(tiny_base), "quant": "none", "attn_implementation": attn},
                                     "rope": {"target_len": L}, "lora": {"rank": 4},
                                     "train": {"loss_chunk": 256, "grad_accum": 1, "mlp_tile": 0}})
-    config = model.load_config(str(tiny_base))
-    rope.apply(config, rope.of_recipe(config, recipe.rope))
+    config, _ = train.config_for(recipe)
     on = model.device()
     dtype = model.compute_dtype(recipe.model.compute_dtype, on)
     net = train.build_model(recipe, config, on, dtype, plan.Settings.of(recipe, dtype.itemsize)).train()
