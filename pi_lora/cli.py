@@ -30,7 +30,7 @@ FLAG_KEYS = {
     "base": "model.base",
     "target_len": "rope.target_len",
     "scaling": "rope.scaling",
-    "data": "data.source",
+    "source": "data.source",
     "output": "output",
     "steps": "train.steps",
     "lr": "train.lr",
@@ -53,7 +53,10 @@ def handled(command):
         try:
             return command(*args, **kwargs)
         except PiLoraError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            from .distributed import current
+
+            if current().main:  # under torchrun every rank meets the same bad input: say it once
+                err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # a full disk, a folder that cannot be written: one line, not a traceback
             where = f": '{e.filename}'" if e.filename else ""
@@ -124,7 +127,7 @@ def train(
     base: Optional[str] = typer.Option(None, help="Base model: alias (see `pi-lora models`), hub id or folder. Recipe key: model.base."),
     target_len: Optional[int] = typer.Option(None, help="New context length L'; PI factor is L'/L. Recipe key: rope.target_len."),
     scaling: Optional[Literal["linear", "yarn", "ntk", "dynamic"]] = typer.Option(None, help="How positions are extended: linear (Position Interpolation, \\[default: linear]), yarn, or ntk (NTK-aware theta). Recipe key: rope.scaling."),
-    data: Optional[str] = typer.Option(None, help="Hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder. Recipe key: data.source."),
+    source: Optional[str] = typer.Option(None, "--source", "--data", help="Training data: a hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder. Recipe key: data.source."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder. Recipe key: output."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps. Recipe key: train.steps."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate. Recipe key: train.lr."),
@@ -136,8 +139,8 @@ def train(
         None, "--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub. Recipe key: model.trust_remote_code."
     ),
     gpu_mem: Optional[str] = typer.Option(None, help="Memory per device the plan may use, e.g. 24GiB \\[default: what the device has]. Recipe key: train.gpu_mem."),
-    gpus: Optional[int] = typer.Option(None, help="Split the layers across this many GPUs (one long sequence on several cards). Recipe key: model.gpus."),
-    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Under torchrun: shard the base and the LoRA state across the processes (FSDP2), for bases too large for one card. Recipe key: model.shard."),
+    gpus: Optional[int] = typer.Option(None, help="Experimental (not yet run on GPUs): split the layers across this many GPUs (one long sequence on several cards). Recipe key: model.gpus."),
+    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Experimental (tested on CPU processes only): under torchrun, shard the base and the LoRA state across the processes (FSDP2), for bases too large for one card. Recipe key: model.shard."),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its newest whole checkpoint (a damaged one is skipped, said so; with none yet, from step 0)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
@@ -204,7 +207,7 @@ def merge(
     merge_base: Literal["full", "dequantized"] = typer.Option("full", help="full: merge into the full-precision base weights. dequantized: into dequant(NF4), the weights training saw."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare merged logits with base + adapter after writing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-    shard_gb: float = typer.Option(1.0, help="Largest output shard, in GiB; peak memory is about one shard."),
+    file_gib: float = typer.Option(1.0, help="Largest output weights file, in GiB; peak memory is about one file."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the base's own model code (needed again for a run trained with it)."),
 ):
     """Merge a run's adapter into its base: a full model with the extended context in config.json."""
@@ -212,11 +215,11 @@ def merge(
     from . import run
     from . import train as train_mod
 
-    if shard_gb <= 0:
-        raise PiLoraError("--shard-gb must be positive.")
+    if file_gib <= 0:
+        raise PiLoraError("--file-gib must be positive.")
     output = output or run_dir / run.MERGED
     with train_mod.progress_bar(console) as bar:
-        err = merge_mod.merge(run_dir, output, base, dtype, merge_base, verify, overwrite, shard_gb, bar,
+        err = merge_mod.merge(run_dir, output, base, dtype, merge_base, verify, overwrite, file_gib, bar,
                               trust_remote_code)
     run.record_output(run_dir, output, "merged")
     if err is None:
@@ -304,8 +307,8 @@ def plan(
     base: Optional[str] = typer.Option(None, help="Base model: alias (planned offline), hub id or folder. Recipe key: model.base."),
     target_len: Optional[int] = typer.Option(None, help="New context length L'. Recipe key: rope.target_len."),
     gpu_mem: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 24GiB \\[default: this machine's GPU, or 24GiB]. Recipe key: train.gpu_mem."),
-    gpus: Optional[int] = typer.Option(None, help="GPUs to split the layers across. Recipe key: model.gpus."),
-    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Shard the model across --processes (FSDP2). Recipe key: model.shard."),
+    gpus: Optional[int] = typer.Option(None, help="Experimental: GPUs to split the layers across. Recipe key: model.gpus."),
+    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Experimental: shard the model across --processes (FSDP2). Recipe key: model.shard."),
     processes: int = typer.Option(1, min=1, help="torchrun processes (one per GPU) the run will use: data parallel, sharded with --shard."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. Recipe key: train.batch_size."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank. Recipe key: lora.rank."),

@@ -52,7 +52,7 @@ def stop() -> None:
         torch.distributed.destroy_process_group()
 
 
-def shard(batches: Iterator[torch.Tensor], world: World) -> Iterator[torch.Tensor]:
+def share(batches: Iterator[torch.Tensor], world: World) -> Iterator[torch.Tensor]:
     """Rank r takes batches r, r + size, r + 2 size, ... of the global stream.
 
     So micro-batch a of a step on rank r is global batch a * size + r: two ranks with accumulation 1

@@ -291,7 +291,7 @@ def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str) ->
 
 
 def merge(run_dir: Path, output: Path, base: str | None = None, dtype: str | None = None,
-          into: str = "full", check: bool = True, overwrite: bool = False, shard_gb: float = 1.0,
+          into: str = "full", check: bool = True, overwrite: bool = False, file_gib: float = 1.0,
           progress=None, trust_remote_code: bool = False) -> float | None:
     """Merge the run's adapter into the base; returns the verification error (None when skipped).
     Reads the run while no `train --resume` changes it, and is the one writer of `output`."""
@@ -302,10 +302,10 @@ def merge(run_dir: Path, output: Path, base: str | None = None, dtype: str | Non
                           f"quant '{meta.get('quant')}'. Use --merge-base full.")
     run.check_writable(output)
     with run.reading(run_dir), run.writing(output):
-        return _merge(run_dir, output, meta, base, dtype, into, check, overwrite, shard_gb, progress)
+        return _merge(run_dir, output, meta, base, dtype, into, check, overwrite, file_gib, progress)
 
 
-def _merge(run_dir: Path, output: Path, meta: dict, base, dtype, into, check, overwrite, shard_gb, progress):
+def _merge(run_dir: Path, output: Path, meta: dict, base, dtype, into, check, overwrite, file_gib, progress):
     adapter_dir = run_dir / run.ADAPTER
     adapter = read_adapter(adapter_dir)
     if output.exists() and not overwrite:
@@ -321,7 +321,7 @@ def _merge(run_dir: Path, output: Path, meta: dict, base, dtype, into, check, ov
     err = None
     with run.atomic_dir(output) as tmp:
         weight_map = write_shards(source, tmp, adapter, DTYPES.get(dtype), meta, into,
-                                  int(shard_gb * 2**30), progress)
+                                  int(file_gib * 2**30), progress)
         if len(set(weight_map.values())) > 1:
             total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
             (tmp / "model.safetensors.index.json").write_text(

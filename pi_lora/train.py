@@ -646,7 +646,7 @@ def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
 
         tracker = Tracker(folder, t.report_to, start, p.recipe.model_dump(mode="json"))
     net.train()
-    batches = distributed.shard(p.data.batches(seen, t.batch_size), world)
+    batches = distributed.share(p.data.batches(seen, t.batch_size), world)
     rng, saved, done, updating = distributed.gather(rng_state(), world), start, start, False
     tokens_per_step = p.per_step * p.pi.target_len
     recorded = p.recipe.model_dump(mode="json")

@@ -82,7 +82,7 @@ def test_merge_into_dequantized_matches_the_4bit_training_model(trained, tmp_pat
 
 def test_sharded_output_has_an_index_and_reloads(trained, tmp_path):
     out = tmp_path / "sharded"
-    merge_mod.merge(trained, out, check=False, shard_gb=0.0002, dtype="bf16")
+    merge_mod.merge(trained, out, check=False, file_gib=0.0002, dtype="bf16")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) >= 2 and all((out / s).is_file() for s in shards)
@@ -108,7 +108,7 @@ def test_interrupted_merge_leaves_nothing(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(merge_mod, "save_file", dying)
     with pytest.raises(KeyboardInterrupt):
-        merge_mod.merge(trained, tmp_path / "cut", check=False, shard_gb=0.0002)
+        merge_mod.merge(trained, tmp_path / "cut", check=False, file_gib=0.0002)
     assert calls and not list(tmp_path.iterdir())
 
 
