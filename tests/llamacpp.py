@@ -62,8 +62,8 @@ def build(archive: Path, jobs: int = 2) -> Path:
     with open(root / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            source = _unpack(archive, root / "src")
-            subprocess.run(["cmake", "-S", str(source), "-B", str(root / "build"), *CMAKE_FLAGS],
+            source_dir = source(archive)
+            subprocess.run(["cmake", "-S", str(source_dir), "-B", str(root / "build"), *CMAKE_FLAGS],
                            check=True, stdout=subprocess.DEVNULL)
             subprocess.run(["cmake", "--build", str(root / "build"), f"-j{jobs}",
                             "--target", *TARGETS], check=True, stdout=subprocess.DEVNULL)
@@ -71,7 +71,9 @@ def build(archive: Path, jobs: int = 2) -> Path:
     return bin_dir
 
 
-def _unpack(archive: Path, dest: Path) -> Path:
+def source(archive: Path) -> Path:
+    """The llama.cpp source tree the sdist vendors, unpacked once beside its build."""
+    dest = CACHE / f"build-{build_key(archive)}" / "src"
     if not (dest / "ok").exists():
         with tarfile.open(archive) as tar:
             tar.extractall(dest, filter="data")

@@ -202,3 +202,130 @@ def test_sentencepiece_tokenizer_json_without_its_model_file_is_refused(spm_run,
     with pytest.raises(PiLoraError, match="no tokenizer.model"):
         export.export_gguf(copy, tmp_path / "o.gguf")
     assert not (tmp_path / "o.gguf").exists()
+
+
+# --- llama.cpp itself --------------------------------------------------------------------------
+
+from test_real_model import missing, smollm2, smollm2_folder  # noqa: E402,F401  (fixtures)
+
+import llamacpp  # noqa: E402  (tests/llamacpp.py)
+
+KJV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "kjv-books.jsonl"
+
+
+@pytest.fixture(scope="session")
+def llama_bin() -> Path:
+    """llama-tokenize and llama-perplexity, built once from the sdist .ci/run downloads (about 11 min on 2 cores)."""
+    archive = llamacpp.sdist()
+    if archive is None:
+        missing("the llama-cpp-python sdist")
+    return llamacpp.build(archive, jobs=int(os.environ.get("LLAMACPP_JOBS", os.cpu_count() or 2)))
+
+
+def llama_tokenize(bin_dir: Path, model: Path, text: str, tmp_path: Path, special: bool = True) -> list[int]:
+    """Token ids as llama.cpp tokenizes `text` (adding BOS as the file says; special tokens parsed)."""
+    path = tmp_path / "text.txt"
+    path.write_bytes(text.encode())
+    argv = [str(bin_dir / "llama-tokenize"), "-m", str(model), "-f", str(path), "--ids", "--log-disable",
+            "--no-escape"] + (["--parse-special"] if special else [])
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def llama_perplexity(bin_dir: Path, model: Path, text_file: Path, n_ctx: int) -> float:
+    """llama-perplexity on the first chunk: the mean NLL of tokens n_ctx/2+1 .. n_ctx-1, F32 KV cache."""
+    argv = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text_file), "-c", str(n_ctx),
+            "--chunks", "1", "-ctk", "f32", "-ctv", "f32", "-t", str(os.cpu_count() or 2)]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", result.stdout + result.stderr).group(1))
+
+
+def transformers_perplexity(model, ids: list[int], n_ctx: int, bos: int | None) -> float:
+    """The same number in transformers: llama-perplexity's first chunk, BOS written over its first token."""
+    chunk = torch.tensor([([bos] if bos is not None else ids[:1]) + ids[1:n_ctx]])
+    first = n_ctx // 2
+    with torch.no_grad():
+        logits = model(input_ids=chunk).logits[0, first:n_ctx - 1].float()
+    return math.exp(torch.nn.functional.cross_entropy(logits, chunk[0, first + 1:n_ctx]).item())
+
+
+def check_in_llamacpp(bin_dir: Path, gguf: Path, reference, text_file: Path, n_ctx: int, tmp_path: Path):
+    """Token ids on the check text and on the perplexity text, then perplexity, against transformers."""
+    text = vocab.check_text(reference)
+    assert llama_tokenize(bin_dir, gguf, text, tmp_path) == reference.encode(text)
+    long_text = text_file.read_text()
+    ids = reference.encode(long_text)
+    assert len(ids) >= 2 * n_ctx
+    assert llama_tokenize(bin_dir, gguf, long_text, tmp_path, special=False) == ids
+    got = llama_perplexity(bin_dir, gguf, text_file, n_ctx)
+    add_bos = fields(gguf)["tokenizer.ggml.add_bos_token"]
+    want = transformers_perplexity(export.read_gguf(gguf).eval(), ids, n_ctx, reference.bos_token_id if add_bos else None)
+    assert abs(got / want - 1) < 1e-3, (got, want)
+    return got, want
+
+
+def test_pre_table_is_llamacpp_converters():
+    """Every hash -> name entry, and the check text, as llama.cpp's own converter has them."""
+    archive = llamacpp.sdist()
+    if archive is None:
+        missing("the llama-cpp-python sdist")
+    code = (llamacpp.source(archive) / "conversion" / "base.py").read_text()
+    assert f"chktxt = {vocab.CHKTXT!r}" in code
+    for digest, name in vocab.PRE_BY_HASH.items():
+        assert re.search(rf'if chkhsh == "{digest}":\s*\n\s*# ref: \S+\s*\n\s*res = "{re.escape(name)}"', code), name
+
+
+@pytest.mark.slow
+def test_sentencepiece_export_tokenizes_and_scores_like_transformers_in_llamacpp(llama_bin, spm_run, spm_base, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pi_lora.demo import TEXT
+
+    out = tmp_path / "spm.gguf"
+    export.export_gguf(spm_run, out, "f32")
+    assert run.read_meta(spm_run)["original_len"] == 64  # 256 is past it
+    check_in_llamacpp(llama_bin, out, AutoTokenizer.from_pretrained(spm_base), TEXT, 256, tmp_path)
+
+
+@pytest.mark.slow
+def test_bpe_export_with_special_tokens_tokenizes_like_transformers_in_llamacpp(llama_bin, bpe_run, bpe_base, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pi_lora.demo import TEXT
+
+    out = tmp_path / "bpe.gguf"
+    export.export_gguf(bpe_run, out, "f32", tokenizer_pre="gpt-2")
+    check_in_llamacpp(llama_bin, out, AutoTokenizer.from_pretrained(bpe_base), TEXT, 256, tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_base_export_tokenizes_and_scores_like_the_base_in_llamacpp(
+        llama_bin, smollm2, smollm2_folder, tmp_path):
+    """SmolLM2 from its GGUF, 8192 -> 9216: the export tokenizes as the base GGUF does in llama.cpp, as the
+    training tokenizer does in transformers (digits one by one), and scores as transformers past 8192."""
+    from transformers import AutoTokenizer
+
+    if not KJV.is_file():
+        missing(str(KJV))
+    book = json.loads(KJV.read_text().splitlines()[0])["text"][:90000]
+    text_file = tmp_path / "genesis.txt"
+    text_file.write_text(book)
+    data = tmp_path / "genesis.jsonl"
+    data.write_text(json.dumps({"text": book[:40000]}) + "\n")
+    run_dir = tmp_path / "run"
+    argv = ["train", "--base", str(smollm2_folder), "--target-len", "9216", "--data", str(data), "--output",
+            str(run_dir), "--steps", "1", "--lr", "1e-3", "--batch-size", "1", "--grad-accum", "1",
+            "--set", "train.warmup_steps=0", "--set", "lora.trainable=[norm]"]
+    result = RUNNER.invoke(app, argv, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "smol.gguf"
+    checked = export.export_gguf(run_dir, out, "f32")
+    assert checked.pre == "smollm" and checked.tokens == "identical"
+    assert fields(out)["tokenizer.ggml.token_type"][:17] == [3] * 17
+    reference = AutoTokenizer.from_pretrained(smollm2_folder)
+    text = vocab.check_text(reference)
+    base_ids = llama_tokenize(llama_bin, smollm2, text, tmp_path)
+    assert llama_tokenize(llama_bin, out, text, tmp_path) == base_ids == reference.encode(text)
+    assert len(reference.encode("<|im_start|>user")) == 2
+    check_in_llamacpp(llama_bin, out, reference, text_file, 9216, tmp_path)
