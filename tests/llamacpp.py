@@ -82,6 +82,23 @@ def source(archive: Path) -> Path:
     return top / "vendor" / "llama.cpp"
 
 
+# llama.cpp's logger writes from a thread that is never joined, so at exit the last lines (the
+# result of llama-perplexity among them) are often lost on a busy machine. A library whose
+# destructor waits a moment at exit gives that thread the time; nothing else changes.
+LINGER_C = "#include <unistd.h>\n__attribute__((destructor)) static void linger(void) { usleep(300000); }\n"
+
+
+def run(bin_dir: Path, tool: str, *args: str) -> subprocess.CompletedProcess:
+    """One of the tools, its whole output captured (text)."""
+    linger = bin_dir / "liblinger.so"
+    if not linger.exists():
+        source = bin_dir / "linger.c"
+        source.write_text(LINGER_C)
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(linger), str(source)], check=True)
+    env = {**os.environ, "LD_PRELOAD": str(linger)}
+    return subprocess.run([str(bin_dir / tool), *args], capture_output=True, text=True, env=env)
+
+
 if __name__ == "__main__":
     archive = sdist()
     if archive is None:

@@ -226,19 +226,19 @@ def llama_tokenize(bin_dir: Path, model: Path, text: str, tmp_path: Path, specia
     """Token ids as llama.cpp tokenizes `text` (adding BOS as the file says; special tokens parsed)."""
     path = tmp_path / "text.txt"
     path.write_bytes(text.encode())
-    argv = [str(bin_dir / "llama-tokenize"), "-m", str(model), "-f", str(path), "--ids", "--log-disable",
-            "--no-escape"] + (["--parse-special"] if special else [])
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    args = ["-m", str(model), "-f", str(path), "--ids", "--log-disable", "--no-escape"]
+    result = llamacpp.run(bin_dir, "llama-tokenize", *args, *([] if special else ["--no-parse-special"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def llama_perplexity(bin_dir: Path, model: Path, text_file: Path, n_ctx: int) -> float:
     """llama-perplexity on the first chunk: the mean NLL of tokens n_ctx/2+1 .. n_ctx-1, F32 KV cache."""
-    argv = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text_file), "-c", str(n_ctx),
-            "--chunks", "1", "-ctk", "f32", "-ctv", "f32", "-t", str(os.cpu_count() or 2)]
-    result = subprocess.run(argv, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", result.stdout + result.stderr).group(1))
+    result = llamacpp.run(bin_dir, "llama-perplexity", "-m", str(model), "-f", str(text_file), "-c", str(n_ctx),
+                          "--chunks", "1", "-ctk", "f32", "-ctv", "f32", "-t", str(os.cpu_count() or 2))
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", result.stdout + result.stderr)
+    assert result.returncode == 0 and found, result.stderr[-3000:]
+    return float(found.group(1))
 
 
 def transformers_perplexity(model, ids: list[int], n_ctx: int, bos: int | None) -> float:
@@ -250,9 +250,10 @@ def transformers_perplexity(model, ids: list[int], n_ctx: int, bos: int | None) 
     return math.exp(torch.nn.functional.cross_entropy(logits, chunk[0, first + 1:n_ctx]).item())
 
 
-def check_in_llamacpp(bin_dir: Path, gguf: Path, reference, text_file: Path, n_ctx: int, tmp_path: Path):
+def check_in_llamacpp(bin_dir: Path, gguf: Path, reference, text_file: Path, n_ctx: int, tmp_path: Path,
+                      text: str | None = None):
     """Token ids on the check text and on the perplexity text, then perplexity, against transformers."""
-    text = vocab.check_text(reference)
+    text = text or vocab.check_text(reference)
     assert llama_tokenize(bin_dir, gguf, text, tmp_path) == reference.encode(text)
     long_text = text_file.read_text()
     ids = reference.encode(long_text)
@@ -261,6 +262,7 @@ def check_in_llamacpp(bin_dir: Path, gguf: Path, reference, text_file: Path, n_c
     got = llama_perplexity(bin_dir, gguf, text_file, n_ctx)
     add_bos = fields(gguf)["tokenizer.ggml.add_bos_token"]
     want = transformers_perplexity(export.read_gguf(gguf).eval(), ids, n_ctx, reference.bos_token_id if add_bos else None)
+    print(f"{gguf.name}: {len(ids)} tokens identical; perplexity at {n_ctx}: llama.cpp {got:.4f}, transformers {want:.4f}")
     assert abs(got / want - 1) < 1e-3, (got, want)
     return got, want
 
@@ -278,6 +280,12 @@ def test_pre_table_is_llamacpp_converters():
 
 @pytest.mark.slow
 def test_sentencepiece_export_tokenizes_and_scores_like_transformers_in_llamacpp(llama_bin, spm_run, spm_base, tmp_path):
+    """Identical ids on the fixed text (and Genesis), perplexity at 256 (trained 64).
+
+    Where transformers' LlamaTokenizer itself departs from sentencepiece -- text right after a special
+    token, or starting with a space -- llama.cpp follows sentencepiece, which LLaMA was trained with.
+    """
+    import sentencepiece as spm
     from transformers import AutoTokenizer
 
     from pi_lora.demo import TEXT
@@ -285,7 +293,13 @@ def test_sentencepiece_export_tokenizes_and_scores_like_transformers_in_llamacpp
     out = tmp_path / "spm.gguf"
     export.export_gguf(spm_run, out, "f32")
     assert run.read_meta(spm_run)["original_len"] == 64  # 256 is past it
-    check_in_llamacpp(llama_bin, out, AutoTokenizer.from_pretrained(spm_base), TEXT, 256, tmp_path)
+    reference = AutoTokenizer.from_pretrained(spm_base)
+    check_in_llamacpp(llama_bin, out, reference, TEXT, 256, tmp_path, text=vocab.VERIFY_TEXT)
+    sp = spm.SentencePieceProcessor(model_file=str(spm_base / "tokenizer.model"))
+    markup = "</s>user\nHi</s>there"
+    want = [1, 2, *sp.encode("user\nHi"), 2, *sp.encode("there")]  # sentencepiece on each piece
+    assert llama_tokenize(llama_bin, out, markup, tmp_path) == want != reference.encode(markup)
+    assert llama_tokenize(llama_bin, out, " space", tmp_path) == [1, *sp.encode(" space")] != reference.encode(" space")
 
 
 @pytest.mark.slow
