@@ -197,7 +197,7 @@ def export(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (peft) or file (gguf) [default: in RUN_DIR]."),
     outtype: str = typer.Option("f16", help="GGUF tensor type: f16, bf16, q8_0 or f32."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="GGUF: read it back through transformers and compare tokenization and logits."),
-    tokenizer_pre: Optional[str] = typer.Option(None, "--tokenizer-pre", metavar="NAME", help="GGUF: llama.cpp's pre-tokenizer name for a BPE vocabulary [default: found as llama.cpp's converter finds it; for a .gguf base, the base's own]."),
+    tokenizer_pre: Optional[str] = typer.Option(None, "--tokenizer-pre", metavar="NAME", help="GGUF: llama.cpp's pre-tokenizer name for a BPE vocabulary it does not know (default: found as llama.cpp's converter finds it; a .gguf base keeps its own)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ):
     """Export a run for other tools: a PEFT adapter folder, or a GGUF file with the extended context."""

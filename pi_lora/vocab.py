@@ -97,6 +97,11 @@ def vocab_kind(folder: Path) -> str:
 def add_tokenizer(writer, folder: Path, n_vocab: int, pre: str | None = None, reference: Path | None = None) -> None:
     """The tokenizer.* keys: copied from `reference` (the base's own GGUF) when given, else from `folder`."""
     if reference is not None:
+        from gguf import GGUFReader
+
+        count = len(GGUFReader(reference).fields["tokenizer.ggml.tokens"].data)
+        if count != n_vocab:
+            raise PiLoraError(f"the base GGUF's tokenizer has {count} tokens, the model {n_vocab}.")
         copy_tokenizer(reference, writer, pre)
         return
     from gguf import SpecialVocab
@@ -189,7 +194,12 @@ def sentencepiece_tokens(folder: Path, n_vocab: int) -> tuple[list[bytes], list[
     if not (folder / "tokenizer.model").is_file():
         raise PiLoraError(f"'{folder}' has a SentencePiece-style tokenizer.json but no tokenizer.model; "
                           "llama.cpp needs the SentencePiece scores it holds.")
-    tokens, scores, types = (list(x) for x in zip(*SentencePieceVocab(folder).all_tokens()))
+    try:
+        pieces = SentencePieceVocab(folder)
+    except RuntimeError as e:  # the gguf package raises this when sentencepiece is missing
+        raise PiLoraError(f"a SentencePiece vocabulary needs the sentencepiece package for GGUF ({e}): "
+                          "pip install sentencepiece") from e
+    tokens, scores, types = (list(x) for x in zip(*pieces.all_tokens()))
     for i, (text, kind) in added_types(folder).items():  # as llama.cpp's converter marks them
         while i >= len(tokens):
             tokens.append(f"[PAD{len(tokens)}]".encode())
