@@ -3,8 +3,8 @@
 peft: the adapter plus its rope setting and a loading snippet.
 gguf: a merged model as one GGUF file with llama.cpp's LLaMA tensor layout and linear rope scaling.
 The `gguf` package writes the file and names the tensors; what is ours is the Q/K permutation
-llama.cpp expects and the metadata; the tokenizer keys come from pi_lora.vocab. Tensors are written one at a time (two passes: the header
-needs every tensor's size first), so memory stays at one tensor.
+llama.cpp expects and the metadata (the tokenizer's from pi_lora.vocab). Tensors are written one at
+a time (two passes: the header needs every tensor's size first), so memory stays at one tensor.
 """
 
 from __future__ import annotations

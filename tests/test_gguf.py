@@ -334,10 +334,11 @@ def test_smollm2_gguf_base_export_tokenizes_and_scores_like_the_base_in_llamacpp
     result = RUNNER.invoke(app, argv, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = tmp_path / "smol.gguf"
-    checked = export.export_gguf(run_dir, out, "f32")
-    assert checked.pre == "smollm" and checked.tokens == "identical"
+    # the export's logits check would run two fp32 forwards past 8192 tokens; perplexity below is stronger
+    assert export.export_gguf(run_dir, out, "f32", check=False).pre == "smollm"
     assert fields(out)["tokenizer.ggml.token_type"][:17] == [3] * 17
     reference = AutoTokenizer.from_pretrained(smollm2_folder)
+    assert vocab.tokenization_error(reference, out) == (None, True)  # the export's own tokenizer check
     text = vocab.check_text(reference)
     base_ids = llama_tokenize(llama_bin, smollm2, text, tmp_path)
     assert llama_tokenize(llama_bin, out, text, tmp_path) == base_ids == reference.encode(text)
