@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,11 @@ import torch
 from gguf import GGUFReader
 from typer.testing import CliRunner
 
+import llamacpp  # tests/llamacpp.py
 from pi_lora import export, run, vocab
 from pi_lora.cli import app
 from pi_lora.errors import PiLoraError
+from test_real_model import missing, smollm2, smollm2_folder  # noqa: F401  (fixtures)
 
 RUNNER = CliRunner()
 
@@ -205,10 +206,6 @@ def test_sentencepiece_tokenizer_json_without_its_model_file_is_refused(spm_run,
 
 
 # --- llama.cpp itself --------------------------------------------------------------------------
-
-from test_real_model import missing, smollm2, smollm2_folder  # noqa: E402,F401  (fixtures)
-
-import llamacpp  # noqa: E402  (tests/llamacpp.py)
 
 KJV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "kjv-books.jsonl"
 
