@@ -238,7 +238,8 @@ def export(
     format: str = typer.Option("peft", "--format", help="peft: the adapter with its rope setting and a loading snippet. gguf: a merged model for llama.cpp."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (peft) or file (gguf) \\[default: in RUN_DIR]."),
     outtype: str = typer.Option("f16", help="GGUF tensor type: f16, bf16, q8_0 or f32."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="GGUF: reload it through transformers and compare logits."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="GGUF: read it back through transformers and compare tokenization and logits."),
+    tokenizer_pre: Optional[str] = typer.Option(None, "--tokenizer-pre", metavar="NAME", help="GGUF: llama.cpp's pre-tokenizer name for a BPE vocabulary it does not know (default: found as llama.cpp's converter finds it; a .gguf base keeps its own)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ):
     """Export a run for other tools: a PEFT adapter folder, or a GGUF file with the extended context."""
@@ -253,10 +254,13 @@ def export(
         return
     out = output or run_dir / f"model-{outtype}.gguf"
     with train_mod.progress_bar(console) as bar:
-        err = export_mod.export_gguf(run_dir, out, outtype, overwrite, verify, bar)
-    if err is not None and err == err:
-        console.print(f"verified: transformers reads the GGUF back with logits within {err:.1e} (relative)")
-    elif err is not None:
+        checked = export_mod.export_gguf(run_dir, out, outtype, overwrite, verify, bar, tokenizer_pre)
+    if checked.tokens:
+        console.print(f"verified: transformers reads the GGUF's tokenizer (pre-tokenizer '{checked.pre}') "
+                      f"with {checked.tokens} tokenization of a check text")
+    if checked.logits is not None and checked.logits == checked.logits:
+        console.print(f"verified: transformers reads the GGUF back with logits within {checked.logits:.1e} (relative)")
+    elif checked.logits is not None:
         console.print("[yellow]round trip skipped[/]: two fp32 copies of this model do not fit in memory here")
     console.print(f"[green]exported[/] {outtype} GGUF to {out}")
 

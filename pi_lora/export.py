@@ -3,17 +3,18 @@
 peft: the adapter plus its rope setting and a loading snippet.
 gguf: a merged model as one GGUF file with llama.cpp's LLaMA tensor layout and linear rope scaling.
 The `gguf` package writes the file and names the tensors; what is ours is the Q/K permutation
-llama.cpp expects and the metadata. Tensors are written one at a time (two passes: the header
-needs every tensor's size first), so memory stays at one tensor.
+llama.cpp expects and the metadata (the tokenizer's from pi_lora.vocab). Tensors are written one at
+a time (two passes: the header needs every tensor's size first), so memory stays at one tensor.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import model, run
+from . import model, run, vocab
 from .errors import PiLoraError
 
 FORMATS = ("peft", "gguf")
@@ -130,32 +131,8 @@ def add_metadata(writer, config: dict, meta: dict, outtype: str) -> None:
                           "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[outtype])
 
 
-def add_vocab(writer, folder: Path) -> None:
-    """Tokenizer metadata through the gguf package's own readers of HF tokenizer files."""
-    from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
-
-    vocab = None
-    for kind in (BpeVocab, LlamaHfVocab):
-        try:
-            vocab = kind(folder)
-            break
-        except (FileNotFoundError, ValueError, ImportError, TypeError):
-            continue
-    if vocab is None:
-        raise PiLoraError(f"cannot read the tokenizer in '{folder}' for GGUF (need a BPE tokenizer.json).")
-    tokens, scores, types = zip(*vocab.all_tokens())
-    writer.add_tokenizer_model(vocab.tokenizer_model)
-    # llama.cpp picks a BPE pre-tokenizer by this name; its converter derives it from a hash table of
-    # known tokenizers that we do not carry, so "default" may tokenize some BPE vocabularies
-    # differently in llama.cpp (sentencepiece LLaMA vocabularies do not use it).
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(list(tokens))
-    writer.add_token_scores(list(scores))
-    writer.add_token_types(list(types))
-    SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2").add_to_gguf(writer, quiet=True)
-
-
-def write_gguf(merged: Path, output: Path, meta: dict, outtype: str, progress=None) -> None:
+def write_gguf(merged: Path, output: Path, meta: dict, outtype: str, progress=None, tokenizer_pre: str | None = None,
+               reference: Path | None = None) -> None:
     from gguf import MODEL_ARCH, GGUFWriter, TensorNameMap
     from safetensors import safe_open
 
@@ -175,14 +152,14 @@ def write_gguf(merged: Path, output: Path, meta: dict, outtype: str, progress=No
                 entries.append((file, key, target, tuple(f.get_slice(key).get_shape())))
     writer = GGUFWriter(output, "llama")
     add_metadata(writer, config, meta, outtype)
-    add_vocab(writer, merged)
+    vocab.add_tokenizer(writer, merged, config["vocab_size"], tokenizer_pre, reference)
     for _, _, target, shape in entries:  # the header, with every tensor's size, precedes the data
         dtype, stored, nbytes, kind = gguf_info(shape, outtype)
         writer.add_tensor_info(target, stored, dtype, nbytes, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    task = progress.add_task("writing gguf", total=len(entries)) if progress else None
+    task = progress.add_task("writing gguf", total=len(entries), info="") if progress else None
     for file, key, _, _ in entries:
         writer.write_tensor_data(gguf_tensor(key, read_tensor(file, key), config, outtype))
         if progress:
@@ -208,12 +185,38 @@ def read_gguf(path: Path):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
 
 
+@dataclass
+class GgufCheck:
+    """What the export verified: logits error (None: not checked, nan: too large to hold twice here),
+    the tokenizer check ("identical", or why not fully checked) and the pre-tokenizer written."""
+
+    logits: float | None
+    tokens: str | None
+    pre: str | None
+
+
+def base_reference(meta: dict) -> Path | None:
+    """The base's own GGUF tokenizer, when the base was a .gguf file (the reference for llama.cpp)."""
+    folder = Path(meta.get("base_path") or "")
+    return vocab.reference_gguf(folder) if folder.is_dir() else None
+
+
+def check_tokens(merged: Path, gguf_path: Path) -> str:
+    from transformers import AutoTokenizer
+
+    error, known = vocab.tokenization_error(AutoTokenizer.from_pretrained(merged), gguf_path)
+    if error:
+        raise PiLoraError(f"GGUF tokenizer check failed: transformers reads the GGUF's tokenizer differently, {error}.")
+    return "identical" if known else "identical vocabulary and special tokens (this pre-tokenizer is llama.cpp's own)"
+
+
 def export_gguf(run_dir: Path, output: Path, outtype: str = "f16", overwrite: bool = False, check: bool = True,
-                progress=None) -> float | None:
-    """Merge (streamed, into a temporary folder), write the GGUF, and check its logits round trip."""
+                progress=None, tokenizer_pre: str | None = None) -> GgufCheck:
+    """Merge (streamed, into a temporary folder), write the GGUF, and check its tokenizer and logits round trip."""
     import tempfile
 
     import torch
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
     from .merge import fits_twice, logits_error, merge
@@ -229,15 +232,21 @@ def export_gguf(run_dir: Path, output: Path, outtype: str = "f16", overwrite: bo
         merge(run_dir, merged, check=False, progress=progress)
         tmp = output.with_name(f".{output.stem}.tmp.gguf")  # readers go by the suffix
         try:
-            write_gguf(merged, tmp, meta, outtype, progress)
-            err = None
+            write_gguf(merged, tmp, meta, outtype, progress, tokenizer_pre, base_reference(meta))
+            fields = GGUFReader(tmp).fields
+            pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
+            result = GgufCheck(None, None, pre)
+            if check:
+                result.tokens = check_tokens(merged, tmp)
+                result.logits = float("nan")
             if check and fits_twice(merged):
-                err = logits_error(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(),
-                                   read_gguf(tmp).eval(), meta)
+                result.logits = logits_error(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(),
+                                             read_gguf(tmp).eval(), meta)
                 limit = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2}[outtype]
-                if err > limit:
-                    raise PiLoraError(f"GGUF round trip failed: logits differ by {err:.2e} (relative), limit {limit}.")
+                if result.logits > limit:
+                    raise PiLoraError(f"GGUF round trip failed: logits differ by {result.logits:.2e} (relative), "
+                                      f"limit {limit}.")
             tmp.replace(output)
-            return err if err is not None or not check else float("nan")
+            return result
         finally:
             tmp.unlink(missing_ok=True)

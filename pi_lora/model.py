@@ -66,14 +66,18 @@ def locate(base: str) -> str:
 def gguf_folder(gguf: Path, cache: Path | None = None) -> Path:
     """A GGUF file as a plain transformers folder (dequantized, fp32), converted once and cached.
 
-    A folder, unlike transformers' GGUF path, can be re-quantized to NF4 and merged into.
+    A folder, unlike transformers' GGUF path, can be re-quantized to NF4 and merged into. Its
+    tokenizer splits text as llama.cpp does for the GGUF's pre-tokenizer (transformers' reader drops
+    e.g. SmolLM2's digit split), and it keeps the GGUF's tokenizer keys for `pi-lora export`.
     """
     import hashlib
 
+    from . import vocab
     from .demo import home
 
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    source = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|tokenizer-v2"  # v2: split and keys as above
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
     folder = (cache or home() / "gguf") / f"{gguf.stem}-{key}"
     from .run import atomic_dir, writing
 
@@ -82,13 +86,15 @@ def gguf_folder(gguf: Path, cache: Path | None = None) -> Path:
             return folder
         try:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tokenizer, known = vocab.gguf_tokenizer(gguf)
         except Exception as e:  # the gguf reader fails on a truncated or garbage file with any error type
             raise PiLoraError(f"cannot read GGUF '{gguf}': {first_line(e)}") from None
+        vocab.warn_unknown_split(gguf, known)
         model.hf_quantizer.remove_quantization_config(model)  # the weights are dense already
         with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            vocab.save_tokenizer_keys(gguf, tmp)
     return folder
 
 

@@ -175,7 +175,8 @@ def test_gguf_export_round_trips_through_transformers(trained, tmp_path, outtype
     from pi_lora import export
 
     out = tmp_path / f"m-{outtype}.gguf"
-    result = RUNNER.invoke(app, ["export", str(trained), "--format", "gguf", "--outtype", outtype, "--output", str(out)])
+    result = RUNNER.invoke(app, ["export", str(trained), "--format", "gguf", "--outtype", outtype, "--output", str(out),
+                                 "--tokenizer-pre", "gpt-2"])  # the demo tokenizer's split is GPT-2's
     assert result.exit_code == 0, result.output
     assert "verified" in result.output
     fields = {k: f.contents() for k, f in GGUFReader(out).fields.items()}
@@ -200,7 +201,7 @@ def test_gguf_export_without_permutation_would_fail(trained, tmp_path, monkeypat
 
     monkeypatch.setattr(export, "permute_qk", lambda w, n: w)
     with pytest.raises(PiLoraError, match="round trip failed"):
-        export.export_gguf(trained, tmp_path / "bad.gguf", "f32")
+        export.export_gguf(trained, tmp_path / "bad.gguf", "f32", tokenizer_pre="gpt-2")
     assert not (tmp_path / "bad.gguf").exists()
 
 
