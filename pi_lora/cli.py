@@ -235,26 +235,28 @@ def merge(
 @handled
 def export(
     run_dir: Path = typer.Argument(..., help="Run folder made by `pi-lora train`."),
-    format: str = typer.Option("peft", "--format", help="peft: the adapter with its rope setting and a loading snippet. gguf: a merged model for llama.cpp."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (peft) or file (gguf) \\[default: in RUN_DIR]."),
-    outtype: str = typer.Option("f16", help="GGUF tensor type: f16, bf16, q8_0 or f32."),
+    format: Literal["peft", "gguf"] = typer.Option("peft", "--format", help="peft: the adapter with its rope setting and a loading snippet. gguf: a merged model for llama.cpp."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (peft) or file (gguf) \\[default: RUN_DIR/peft, RUN_DIR/<run name>-<dtype>.gguf]."),
+    dtype: Literal["fp16", "bf16", "q8_0", "fp32"] = typer.Option("fp16", help="GGUF weights (f16, bf16, q8_0 or f32 in llama.cpp's names)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="GGUF: read it back through transformers and compare tokenization and logits."),
-    tokenizer_pre: Optional[str] = typer.Option(None, "--tokenizer-pre", metavar="NAME", help="GGUF: llama.cpp's pre-tokenizer name for a BPE vocabulary it does not know (default: found as llama.cpp's converter finds it; a .gguf base keeps its own)."),
+    tokenizer_pre: Optional[str] = typer.Option(None, "--tokenizer-pre", metavar="NAME", help="GGUF: llama.cpp's pre-tokenizer name for a BPE vocabulary it does not know \\[default: found as llama.cpp's converter finds it; a .gguf base keeps its own]."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the base's own model code (needed again for a run trained with it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ):
     """Export a run for other tools: a PEFT adapter folder, or a GGUF file with the extended context."""
     from . import export as export_mod
+    from . import run
     from . import train as train_mod
 
-    if format not in export_mod.FORMATS:
-        raise PiLoraError(f"--format must be one of {', '.join(export_mod.FORMATS)}, not '{format}'.")
     if format == "peft":
-        out = export_mod.export_peft(run_dir, output or run_dir / "export-peft", overwrite)
+        out = export_mod.export_peft(run_dir, output or run_dir / run.PEFT, overwrite, trust_remote_code)
+        run.record_output(run_dir, out, "peft")
         console.print(f"[green]exported[/] peft adapter to {out}; its README.md shows how to load it")
         return
-    out = output or run_dir / f"model-{outtype}.gguf"
+    out = output or run.gguf_name(run_dir, dtype)
     with train_mod.progress_bar(console) as bar:
-        checked = export_mod.export_gguf(run_dir, out, outtype, overwrite, verify, bar, tokenizer_pre)
+        checked = export_mod.export_gguf(run_dir, out, dtype, overwrite, verify, bar, tokenizer_pre, trust_remote_code)
+    run.record_output(run_dir, out, "gguf")
     if checked.tokens:
         console.print(f"verified: transformers reads the GGUF's tokenizer (pre-tokenizer '{checked.pre}') "
                       f"with {checked.tokens} tokenization of a check text")
@@ -262,7 +264,7 @@ def export(
         console.print(f"verified: transformers reads the GGUF back with logits within {checked.logits:.1e} (relative)")
     elif checked.logits is not None:
         console.print("[yellow]round trip skipped[/]: two fp32 copies of this model do not fit in memory here")
-    console.print(f"[green]exported[/] {outtype} GGUF to {out}")
+    console.print(f"[green]exported[/] {dtype} GGUF to {out}")
 
 
 @app.command("eval")

@@ -14,11 +14,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import model, run, vocab
-from .errors import PiLoraError
+from . import model, rope, run, vocab
+from .errors import PiLoraError, first_line
 
 FORMATS = ("peft", "gguf")
-GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")
+# --dtype, named as everywhere else in pi-lora, and the GGUF tensor type each is written as
+DTYPES = {"fp16": "f16", "bf16": "bf16", "q8_0": "q8_0", "fp32": "f32"}
 
 SNIPPET = '''```python
 from peft import PeftModel
@@ -34,14 +35,23 @@ model = PeftModel.from_pretrained(model, "{folder}")
 '''
 
 
-def export_peft(run_dir: Path, output: Path, overwrite: bool = False) -> Path:
-    """The adapter, its rope setting (pi_lora.json) and a README that shows how to load both."""
+def export_peft(run_dir: Path, output: Path, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+    """The adapter, its rope setting (pi_lora.json) and a README that shows how to load both; the
+    adapter is checked whole before it is copied and after its config is rewritten."""
     meta = run.read_meta(run_dir)
+    run.require_trust(meta, trust_remote_code, "export")
     adapter = run_dir / run.ADAPTER
     if not (adapter / "adapter_config.json").is_file():
         raise PiLoraError(f"no adapter in '{run_dir}': the run has not finished (see its checkpoints/).")
-    if output.exists() and not overwrite:
-        raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
+    run.check_writable(output)
+    with run.reading(run_dir), run.writing(output):
+        if output.exists() and not overwrite:
+            raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
+        run.verify_adapter(adapter)
+        return _export_peft(adapter, output, meta)
+
+
+def _export_peft(adapter: Path, output: Path, meta: dict) -> Path:
     base = meta.get("base_path") or model.ALIASES.get(meta["base"], meta["base"])  # loadable as written
     with run.atomic_dir(output) as tmp:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -59,6 +69,7 @@ def export_peft(run_dir: Path, output: Path, overwrite: bool = False) -> Path:
             f"{meta['target_len']} tokens). The rope setting is not part of a PEFT adapter, so set it on "
             f"the base config before attaching the adapter:\n\n{snippet}"
         )
+        run.verify_adapter(tmp)
     return output
 
 
@@ -121,14 +132,50 @@ def add_metadata(writer, config: dict, meta: dict, outtype: str) -> None:
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
-    writer.add_rope_freq_base(meta["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-    writer.add_rope_scaling_factor(meta["factor"])
-    writer.add_rope_scaling_orig_ctx_len(meta["original_len"])
+    add_rope(writer, rope.from_meta(meta))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type({"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
                           "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[outtype])
+
+
+def add_rope(writer, pi) -> None:
+    """The rope keys llama.cpp reads for each scaling, as its converter writes them: linear and yarn
+    as scaling types (yarn with its original length and the parameters that were set), ntk as plain
+    RoPE with the raised base, llama3 as the per-frequency `rope_freqs` tensor (add_rope_freqs)."""
+    from gguf import RopeScalingType
+
+    params = pi.rope_parameters()
+    writer.add_rope_freq_base(params["rope_theta"])
+    if pi.rope_type == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(pi.factor)
+        writer.add_rope_scaling_orig_ctx_len(pi.original_len)
+    elif pi.rope_type == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(pi.factor)
+        writer.add_rope_scaling_orig_ctx_len(pi.original_len)
+        for key, add in (("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if params.get(key) is not None:
+                add(params[key])
+    elif pi.rope_type not in ("ntk", "llama3"):
+        raise PiLoraError(f"GGUF export of rope_type '{pi.rope_type}' is not supported.")
+
+
+def rope_freqs(config: dict, pi):
+    """llama3 scaling as llama.cpp holds it: one divisor per rotary frequency (1 for high
+    frequencies, the factor for low ones, smooth between), from transformers' own llama3 frequencies."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled = LlamaConfig(**{**config, "rope_parameters": pi.rope_parameters()})
+    d = pi.rotary_dim
+    base = 1.0 / pi.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)  # plain RoPE
+    extended, _ = ROPE_INIT_FUNCTIONS["llama3"](scaled, None)
+    return (base / extended).to(torch.float32).numpy()
 
 
 def write_gguf(merged: Path, output: Path, meta: dict, outtype: str, progress=None, tokenizer_pre: str | None = None,
@@ -153,6 +200,13 @@ def write_gguf(merged: Path, output: Path, meta: dict, outtype: str, progress=No
     writer = GGUFWriter(output, "llama")
     add_metadata(writer, config, meta, outtype)
     vocab.add_tokenizer(writer, merged, config["vocab_size"], tokenizer_pre, reference)
+    pi = rope.from_meta(meta)
+    freqs = rope_freqs(config, pi) if pi.rope_type == "llama3" else None
+    if freqs is not None:
+        from gguf import GGMLQuantizationType
+
+        writer.add_tensor_info("rope_freqs.weight", freqs.shape, freqs.dtype, freqs.nbytes,
+                               raw_dtype=GGMLQuantizationType.F32)
     for _, _, target, shape in entries:  # the header, with every tensor's size, precedes the data
         dtype, stored, nbytes, kind = gguf_info(shape, outtype)
         writer.add_tensor_info(target, stored, dtype, nbytes, raw_dtype=kind)
@@ -160,6 +214,8 @@ def write_gguf(merged: Path, output: Path, meta: dict, outtype: str, progress=No
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     task = progress.add_task("writing gguf", total=len(entries), info="") if progress else None
+    if freqs is not None:
+        writer.write_tensor_data(freqs)
     for file, key, _, _ in entries:
         writer.write_tensor_data(gguf_tensor(key, read_tensor(file, key), config, outtype))
         if progress:
@@ -167,7 +223,7 @@ def write_gguf(merged: Path, output: Path, meta: dict, outtype: str, progress=No
     writer.close()
 
 
-def read_gguf(path: Path):
+def read_gguf(path: Path, pi=None):
     """A GGUF file back through transformers' own GGUF reader (the oracle), with its rope scaling.
 
     transformers' reader ignores LLaMA's rope.scaling keys, so they are read here and applied.
@@ -176,13 +232,41 @@ def read_gguf(path: Path):
     from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    reader = GGUFReader(path)
-    fields = {name: field.contents() for name, field in reader.fields.items() if name.startswith("llama.rope")}
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    if "llama.rope.scaling.factor" in fields:
-        config.rope_parameters = {"rope_type": "linear", "factor": float(fields["llama.rope.scaling.factor"]),
-                                  "rope_theta": float(fields["llama.rope.freq_base"])}
+    config.rope_parameters = gguf_rope(path, config, pi)
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
+
+
+def gguf_rope(path: Path, config=None, pi=None) -> dict:
+    """transformers' rope_parameters for what a GGUF file's rope keys say. A llama3 file holds its
+    scaling as the rope_freqs tensor, which transformers cannot take: it is checked against `pi`'s
+    (the run's) and that setting is returned."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        import numpy as np
+
+        if pi is None or pi.rope_type != "llama3":
+            raise PiLoraError(f"'{path}' holds llama3 rope frequencies; reading it back needs its run's setting.")
+        want = rope_freqs(config.to_dict(), pi)
+        if not np.allclose(np.asarray(freqs.data, dtype=np.float32), want, rtol=1e-6):
+            raise PiLoraError(f"GGUF round trip failed: rope_freqs in '{path}' differ from the run's llama3 scaling.")
+        return pi.rope_parameters()
+    f = {name.removeprefix("llama."): field.contents() for name, field in reader.fields.items()
+         if name.startswith("llama.rope")}
+    params = {"rope_type": "default", "rope_theta": float(f["rope.freq_base"])}
+    kind = f.get("rope.scaling.type")
+    if kind in ("linear", "yarn"):
+        params.update(rope_type=kind, factor=float(f["rope.scaling.factor"]))
+    if kind == "yarn":
+        params["original_max_position_embeddings"] = int(f["rope.scaling.original_context_length"])
+        for key, name in (("attention_factor", "attn_factor"), ("beta_fast", "yarn_beta_fast"),
+                          ("beta_slow", "yarn_beta_slow")):
+            if f"rope.scaling.{name}" in f:
+                params[key] = float(f[f"rope.scaling.{name}"])
+    return params
 
 
 @dataclass
@@ -210,43 +294,58 @@ def check_tokens(merged: Path, gguf_path: Path) -> str:
     return "identical" if known else "identical vocabulary and special tokens (this pre-tokenizer is llama.cpp's own)"
 
 
-def export_gguf(run_dir: Path, output: Path, outtype: str = "f16", overwrite: bool = False, check: bool = True,
-                progress=None, tokenizer_pre: str | None = None) -> GgufCheck:
-    """Merge (streamed, into a temporary folder), write the GGUF, and check its tokenizer and logits round trip."""
-    import tempfile
+def export_gguf(run_dir: Path, output: Path, dtype: str = "fp16", overwrite: bool = False, check: bool = True,
+                progress=None, tokenizer_pre: str | None = None, trust_remote_code: bool = False) -> GgufCheck:
+    """Merge (streamed, into a temporary folder), write the GGUF, and check its tokenizer and logits
+    round trip. Reads the run while no `train --resume` changes it, and is the one writer of `output`."""
+    if dtype not in DTYPES:
+        raise PiLoraError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'.")
+    meta = run.read_meta(run_dir)
+    run.require_trust(meta, trust_remote_code, "export")
+    run.check_writable(output)
+    with run.reading(run_dir), run.writing(output):
+        if output.exists() and not overwrite:
+            raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
+        with run.scratch(output) as scratch:
+            return _export_gguf(run_dir, output, scratch, meta, DTYPES[dtype], check, progress, tokenizer_pre,
+                                trust_remote_code)
 
+
+def _export_gguf(run_dir, output, scratch, meta, outtype, check, progress, tokenizer_pre, trust_remote_code):
     import torch
-    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
     from .merge import fits_twice, logits_error, merge
 
-    if outtype not in GGUF_TYPES:
-        raise PiLoraError(f"--outtype must be one of {', '.join(GGUF_TYPES)}, not '{outtype}'.")
-    meta = run.read_meta(run_dir)
-    if output.exists() and not overwrite:
-        raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".gguf-merge-") as scratch:
-        merged = Path(scratch) / "merged"
-        merge(run_dir, merged, check=False, progress=progress)
-        tmp = output.with_name(f".{output.stem}.tmp.gguf")  # readers go by the suffix
-        try:
-            write_gguf(merged, tmp, meta, outtype, progress, tokenizer_pre, base_reference(meta))
-            fields = GGUFReader(tmp).fields
-            pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
-            result = GgufCheck(None, None, pre)
-            if check:
-                result.tokens = check_tokens(merged, tmp)
-                result.logits = float("nan")
-            if check and fits_twice(merged):
-                result.logits = logits_error(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(),
-                                             read_gguf(tmp).eval(), meta)
-                limit = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2}[outtype]
-                if result.logits > limit:
-                    raise PiLoraError(f"GGUF round trip failed: logits differ by {result.logits:.2e} (relative), "
-                                      f"limit {limit}.")
-            tmp.replace(output)
-            return result
-        finally:
-            tmp.unlink(missing_ok=True)
+    merged = Path(scratch) / "merged"
+    merge(run_dir, merged, check=False, progress=progress, trust_remote_code=trust_remote_code)
+    tmp = run.temp_file(output, ".gguf")  # readers go by the suffix; unique per process
+    try:
+        write_gguf(merged, tmp, meta, outtype, progress, tokenizer_pre, base_reference(meta))
+        fields = gguf_fields(tmp)
+        pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
+        result = GgufCheck(None, None, pre)
+        if check:
+            result.tokens = check_tokens(merged, tmp)
+            result.logits = float("nan")
+        if check and fits_twice(merged):
+            result.logits = logits_error(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(),
+                                         read_gguf(tmp, rope.from_meta(meta)).eval(), meta)
+            limit = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2}[outtype]
+            if result.logits > limit:
+                raise PiLoraError(f"GGUF round trip failed: logits differ by {result.logits:.2e} (relative), "
+                                  f"limit {limit}.")
+        tmp.replace(output)
+        return result
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def gguf_fields(path: Path) -> dict:
+    """A GGUF file's key-value fields; a damaged file is a readable error naming it."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path).fields
+    except Exception as e:  # the reader fails on a truncated or garbage file with any error type
+        raise PiLoraError(f"cannot read GGUF '{path}': {first_line(e)}") from None

@@ -11,7 +11,7 @@
       best.json            the step and checkpoint with the lowest validation loss (when validating)
       tensorboard/         event files (train.report_to)
       outputs.json         what merge/export/eval made from the run, and from which adapter step
-      merged/, peft/, <name>-<outtype>.gguf, eval/   those outputs, by default
+      merged/, peft/, <name>-<dtype>.gguf, eval/   those outputs, by default
 
 Every file and folder is written under a temporary name and renamed, so a kill at any moment
 leaves either the old complete thing or the new complete thing. Temporaries are named
@@ -255,12 +255,16 @@ def sweep(target: Path) -> list[Path]:
     if not holds(target) or not target.parent.is_dir():
         return []
     pattern = _temp_pattern(target.name)
-    stale = [p for p in target.parent.iterdir() if pattern.match(p.name)]
+    stale = [p for p in target.parent.iterdir() if pattern.match(p.name) and p not in _mine]
     for p in stale:
         size = _size(p)
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         say(f"[yellow]removed[/] {p} ({size / 2**30:.2f} GiB), a temporary left by a stopped pi-lora process")
     return stale
+
+
+_mine: set[Path] = set()  # temporaries of this process: never stale while it runs (a scratch folder
+# and the file written beside it for the same output)
 
 
 def _temp_name(final: Path, suffix: str = "") -> Path:
@@ -269,7 +273,9 @@ def _temp_name(final: Path, suffix: str = "") -> Path:
 
     alphabet = string.ascii_lowercase + string.digits
     token = "".join(secrets.choice(alphabet) for _ in range(8))
-    return final.with_name(f".{final.name}{MARK}{token}.tmp{suffix}")
+    name = Path(final).absolute().with_name(f".{Path(final).name}{MARK}{token}.tmp{suffix}")
+    _mine.add(name)
+    return Path(final).with_name(name.name)
 
 
 def temp_file(final: Path, suffix: str = "") -> Path:
@@ -483,9 +489,9 @@ def prune(folder: Path, keep: int, protect: int | None = None) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def gguf_name(folder: Path, outtype: str) -> Path:
-    """The default GGUF file of a run: RUN/<run name>-<outtype>.gguf."""
-    return folder / f"{Path(folder).resolve().name}-{outtype}.gguf"
+def gguf_name(folder: Path, dtype: str) -> Path:
+    """The default GGUF file of a run: RUN/<run name>-<dtype>.gguf."""
+    return folder / f"{Path(folder).resolve().name}-{dtype}.gguf"
 
 
 def record_output(folder: Path, path: Path, kind: str) -> None:

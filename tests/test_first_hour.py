@@ -64,7 +64,7 @@ def test_train_merge_export_eval_in_a_terminal(terminal, tiny_base, corpus, tmp_
     steps = [
         train_args(tiny_base, corpus, out),
         ["merge", str(out)],
-        ["export", str(out), "--format", "gguf"],
+        ["export", str(out), "--format", "gguf", "--tokenizer-pre", "gpt-2"],
         ["eval", str(out), "--data", str(corpus), "--lengths", "64,128", "--quick", "--no-passkey",
          "--output", str(tmp_path / "eval")],
     ]

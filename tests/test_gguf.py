@@ -174,7 +174,7 @@ def test_sentencepiece_export_keeps_scores_types_and_tokenizes_like_transformers
     from transformers import AutoTokenizer
 
     out = tmp_path / "spm.gguf"
-    result = RUNNER.invoke(app, ["export", str(spm_run), "--format", "gguf", "--outtype", "f32", "--output", str(out)])
+    result = RUNNER.invoke(app, ["export", str(spm_run), "--format", "gguf", "--dtype", "fp32", "--output", str(out)])
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert "with identical tokenization" in said and "logits within" in said

@@ -168,14 +168,14 @@ def test_peft_export_loads_with_the_snippet_and_matches_merged(trained, tiny_bas
     assert RUNNER.invoke(app, ["export", str(trained), "--output", str(out)]).exit_code == 2
 
 
-@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("outtype", ["fp16", "bf16", "q8_0"])
 def test_gguf_export_round_trips_through_transformers(trained, tmp_path, outtype):
     from gguf import GGUFReader
 
     from pi_lora import export
 
     out = tmp_path / f"m-{outtype}.gguf"
-    result = RUNNER.invoke(app, ["export", str(trained), "--format", "gguf", "--outtype", outtype, "--output", str(out),
+    result = RUNNER.invoke(app, ["export", str(trained), "--format", "gguf", "--dtype", outtype, "--output", str(out),
                                  "--tokenizer-pre", "gpt-2"])  # the demo tokenizer's split is GPT-2's
     assert result.exit_code == 0, result.output
     assert "verified" in result.output

@@ -89,3 +89,49 @@ def test_refused_settings_are_one_line_exit_2(tiny_base, corpus, tmp_path, extra
     result = RUNNER.invoke(app, argv)
     assert result.exit_code == 2 and message in " ".join(result.output.split())
     assert not (tmp_path / "r").exists()
+
+
+def gguf_fields(path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items()}, {t.name: t for t in reader.tensors}
+
+
+def export_gguf(out):
+    result = RUNNER.invoke(app, ["export", str(out), "--format", "gguf", "--dtype", "fp32",
+                                 "--tokenizer-pre", "gpt-2"], catch_exceptions=False)
+    assert result.exit_code == 0 and "logits within" in result.output, result.output  # read back and compared
+    return gguf_fields(run.gguf_name(out, "fp32"))
+
+
+def test_gguf_keys_for_yarn_and_ntk(tiny_base, corpus, tmp_path):
+    train_and_merge(tiny_base, corpus, tmp_path / "yarn", "--scaling", "yarn", "--set", "rope.beta_fast=16")
+    fields, _ = export_gguf(tmp_path / "yarn")
+    assert fields["llama.rope.scaling.type"] == "yarn" and fields["llama.rope.scaling.factor"] == 4.0
+    assert fields["llama.rope.scaling.original_context_length"] == 64
+    assert fields["llama.rope.scaling.yarn_beta_fast"] == 16.0 and fields["llama.rope.freq_base"] == 10000.0
+    train_and_merge(tiny_base, corpus, tmp_path / "ntk", "--scaling", "ntk")
+    fields, _ = export_gguf(tmp_path / "ntk")
+    assert "llama.rope.scaling.type" not in fields
+    assert fields["llama.rope.freq_base"] == pytest.approx(10000.0 * 4 ** (16 / 14), rel=1e-6)
+
+
+def test_gguf_of_a_llama3_base_holds_its_frequency_divisors(llama3_base, corpus, tmp_path):
+    """Oracle: llama.cpp's converter's own formula for rope_freqs (1, factor, or smooth between)."""
+    import math
+
+    train_and_merge(llama3_base, corpus, tmp_path / "l3")
+    _, tensors = export_gguf(tmp_path / "l3")
+    factor, low, high, old = 8.0, 1.0, 4.0, 32
+    want = []
+    for i in range(0, 16, 2):
+        wavelen = 2 * math.pi * 10000.0 ** (i / 16)
+        if wavelen < old / high:
+            want.append(1.0)
+        elif wavelen > old / low:
+            want.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            want.append(1 / ((1 - smooth) / factor + smooth))
+    assert list(tensors["rope_freqs.weight"].data) == pytest.approx(want, rel=1e-5)
