@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Issue 4 evidence: SmolLM2-135M (LLaMA layout, RoPE theta 1e5, trained to 8192) extended by PI.
+# Real-model evidence: SmolLM2-135M (LLaMA layout, RoPE theta 1e5, trained to 8192) extended by PI.
 # Data: KJV (../shared/data/kjv-books.jsonl), split by book: Old Testament to train, New Testament to
 # evaluate, so no evaluated token was trained on.
 #
 #   bash bench/smollm2_pi.sh                  # baselines only: no PI, PI x2, PI x4 (CPU: set STRIDE)
 #   TRAIN=1 STEPS=300 bash bench/smollm2_pi.sh  # also PI-train 8k -> 32k and evaluate the adapter (GPU)
 #
-# Settings (environment): LENGTHS, STRIDE (paper: 256), WINDOWS, ROPES, PASSKEY (1/0), DEPTHS, TRIALS,
-# TRAIN (1: train too), BASE (0: skip the base evaluations), TARGET (32768), STEPS, LR, ACCUM,
-# TRAIN_SET (extra --set options for train), OUT.
+# Settings (environment): LENGTHS, STRIDE (paper: 256), WINDOWS, ROPES, PASSKEY (1/0), PASSKEY_LENGTHS,
+# DISTANCES, TRIALS, QUANT (eval's --quant for the trained run), TRAIN (1: train too), BASE (0: skip the
+# base evaluations), TARGET (32768), STEPS, LR, ACCUM, TRAIN_SET (extra --set options for train), OUT.
+# Each rope setting is its own `pi-lora eval` call, so a cut run keeps the results of those done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -17,7 +18,8 @@ STRIDE=${STRIDE:-256}
 WINDOWS=${WINDOWS:-1}
 OUT=${OUT:-eval/smollm2}
 PASSKEY=$([ "${PASSKEY:-1}" = 1 ] && echo --passkey || echo --no-passkey)
-[ -n "${DEPTHS:-}" ] && PASSKEY="$PASSKEY --depths $DEPTHS"
+[ -n "${PASSKEY_LENGTHS:-}" ] && PASSKEY="$PASSKEY --passkey-lengths $PASSKEY_LENGTHS"
+[ -n "${DISTANCES:-${DEPTHS:-}}" ] && PASSKEY="$PASSKEY --distances ${DISTANCES:-$DEPTHS}"
 [ -n "${TRIALS:-}" ] && PASSKEY="$PASSKEY --trials $TRIALS"
 TARGET=${TARGET:-32768}
 mkdir -p "$OUT"
@@ -57,7 +59,7 @@ if [ "${TRAIN:-0}" = 1 ]; then
   .venv/bin/pi-lora train --base "$MODEL" --target-len "$TARGET" --data "$OUT/kjv-ot.jsonl" \
     --steps "${STEPS:-300}" --lr "${LR:-2e-4}" --batch-size 1 --grad-accum "${ACCUM:-4}" --output "$OUT/run-$TARGET" \
     --overwrite --set lora.trainable=[embed,norm] --set train.warmup_steps=10 --set train.save_every=50 ${TRAIN_SET:-}
-  .venv/bin/pi-lora eval "$OUT/run-$TARGET" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
+  .venv/bin/pi-lora eval "$OUT/run-$TARGET" --quant "${QUANT:-none}" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
     --data "$OUT/kjv-nt.jsonl" $PASSKEY --output "$OUT/trained"
 fi
 echo "results: $OUT/*/results.json"
