@@ -231,7 +231,8 @@ def eval_(
     text_field: str = typer.Option("text", help="Field holding the text."),
     rope: Optional[str] = typer.Option(None, help="Comma-separated rope settings, each none (plain RoPE) or linear:S, compared side by side for every model \\[default: each model's own]."),
     quant: str = typer.Option("none", help="Base weights: none (full precision: a run as deployed, equal to its merged model) or nf4/fp4/int8 (a run as trained)."),
-    passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Also measure passkey retrieval."),
+    perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help="Measure perplexity with L tokens of context."),
+    passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Measure passkey retrieval."),
     passkey_lengths: Optional[str] = typer.Option(None, help="Comma-separated passkey prompt lengths \\[default: the longest length]."),
     trials: Optional[int] = typer.Option(None, help="Passkey trials (random 5-digit keys) per distance \\[default: 10, quick 2]."),
     distances: Optional[int] = typer.Option(None, "--distances", "--depths", help="Passkey distances from the question, evenly spaced out to the prompt length \\[default: 32, quick 8]."),
@@ -252,8 +253,11 @@ def eval_(
         raise PiLoraError("lengths must be at least 2, and stride, windows, trials and distances at least 1.")
     if quant not in ("none", "nf4", "fp4", "int8"):
         raise PiLoraError(f"--quant must be none, nf4, fp4 or int8, not '{quant}'.")
+    if not (perplexity or passkey):
+        raise PiLoraError("--no-perplexity and --no-passkey leave nothing to measure.")
     ev.parse_ropes(rope)  # a bad setting fails before any model loads
-    settings = ev.Settings(parsed, stride, windows, trials, distances, passkey, keys_at, rope, quant)
+    settings = ev.Settings(lengths=parsed, stride=stride, windows=windows, trials=trials, distances=distances,
+                           passkey=passkey, perplexity=perplexity, passkey_lengths=keys_at, rope=rope, quant=quant)
     section = DataSection(source=data, split=split, text_field=text_field)
     with train_mod.progress_bar(console) as bar:
         results = ev.evaluate(models_, settings, section, output, bar)

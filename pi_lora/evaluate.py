@@ -360,6 +360,7 @@ class Settings:
     trials: int = 10
     distances: int = 32
     passkey: bool = True
+    perplexity: bool = True
     passkey_lengths: list[int] | None = None  # None: the longest perplexity length
     rope: str | None = None  # comma-separated settings, side by side; None: each model's own
     quant: str = "none"
@@ -386,8 +387,7 @@ def counting(nll, progress, task):
     return call
 
 
-def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
-    lengths = sorted(s.lengths or default_lengths(subject.max_len))
+def perplexity_part(subject: Subject, s: Settings, lengths: list[int], section, progress=None) -> dict:
     longest = lengths[-1]
     first, end = scored_span(longest, s.stride, s.windows)
     tokens = eval_tokens(section, subject.tokenizer, end)
@@ -395,9 +395,7 @@ def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
     scored = perplexities(nll, lengths, s.stride, first, end, progress)
     bins = max(1, longest // 2048) if longest >= 4096 else 4
     width = longest // bins
-    result = {
-        "max_len": subject.max_len,
-        **subject.notes,
+    return {
         "perplexity": {str(n): r.perplexity for n, r in scored.items()},
         "scored_tokens": {str(n): r.tokens for n, r in scored.items()},
         "min_context": {str(n): r.min_context for n, r in scored.items()},
@@ -405,13 +403,25 @@ def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
                         for i, v in enumerate(position_perplexity(subject.net, tokens, longest, bins, nll))},
         "tokens": len(tokens),
     }
+
+
+def passkey_part(subject: Subject, s: Settings, lengths: list[int], progress=None) -> dict:
+    out = {}
+    for length in s.passkey_lengths or lengths[-1:]:
+        distances = distances_for(length, s.distances)
+        accuracy = passkey_accuracy(subject.net, subject.tokenizer, length, distances, s.trials, progress=progress)
+        out[str(length)] = {"trials": s.trials, "accuracy": {str(k): v for k, v in accuracy.items()},
+                            "k_max": effective_window(accuracy)}
+    return out
+
+
+def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
+    lengths = sorted(s.lengths or default_lengths(subject.max_len))
+    result = {"max_len": subject.max_len, **subject.notes}
+    if s.perplexity:
+        result.update(perplexity_part(subject, s, lengths, section, progress))
     if s.passkey:
-        result["passkey"] = {}
-        for length in s.passkey_lengths or [longest]:
-            distances = distances_for(length, s.distances)
-            accuracy = passkey_accuracy(subject.net, subject.tokenizer, length, distances, s.trials, progress=progress)
-            result["passkey"][str(length)] = {"trials": s.trials, "accuracy": {str(k): v for k, v in accuracy.items()},
-                                              "k_max": effective_window(accuracy)}
+        result["passkey"] = passkey_part(subject, s, lengths, progress)
     return result
 
 
@@ -423,19 +433,27 @@ def evaluate(specs: list[str], s: Settings, section, output: Path, progress=None
     """Every model in `specs` under every rope setting, side by side; writes results.json and plot.png."""
     results = {}
     settings = parse_ropes(s.rope)
+    output.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         for setting in settings:
             subject = load_subject(spec, setting, s.quant)
             results[subject.label] = evaluate_one(subject, s, section, progress)
             del subject
-    output.mkdir(parents=True, exist_ok=True)
-    save_json(output / "results.json", {"settings": s.__dict__, "data": section.model_dump(), "results": results})
-    fig = figure(results)
-    fig.savefig(output / "plot.png", dpi=120)
+            # after every model, so a long evaluation cut short keeps the models it finished
+            save_json(output / "results.json", {"settings": s.__dict__, "data": section.model_dump(),
+                                                "results": results})
+            save_plot(output / "plot.png", results)
+    return results
+
+
+def save_plot(path: Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
+    fig = figure(results)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    return results
+    tmp.replace(path)
 
 
 # --- reporting -----------------------------------------------------------------------------------------
@@ -455,6 +473,8 @@ def figure(results: dict):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for label, r in results.items():
+        if "perplexity" not in r:
+            continue
         lengths = sorted(int(k) for k in r["perplexity"])
         left.plot(lengths, [r["perplexity"][str(n)] for n in lengths], marker="o", label=label)
     for label, length, entry in passkey_rows(results):
@@ -478,16 +498,17 @@ def tables(results: dict):
     from rich.console import Group
     from rich.table import Table
 
-    lengths = sorted({int(n) for r in results.values() for n in r["perplexity"]})
-    context = {n: min(r["min_context"][str(n)] for r in results.values() if str(n) in r["min_context"])
+    measured = {label: r for label, r in results.items() if "perplexity" in r}
+    lengths = sorted({int(n) for r in measured.values() for n in r["perplexity"]})
+    context = {n: min(r["min_context"][str(n)] for r in measured.values() if str(n) in r["min_context"])
                for n in lengths}
     ppl = Table("model", *[f"{n:,}\n(ctx >= {context[n]:,})" for n in lengths], "scored tokens",
                 title="perplexity with L tokens of context (the same tokens at every L)", title_justify="left")
-    for label, r in results.items():
+    for label, r in measured.items():
         cells = [f"{r['perplexity'][str(n)]:.2f}" if str(n) in r["perplexity"] else "-" for n in lengths]
         counts = sorted({v for v in r["scored_tokens"].values()})
         ppl.add_row(label, *cells, ", ".join(f"{c:,}" for c in counts))
-    out = [ppl]
+    out = [ppl] if measured else []
     rows = list(passkey_rows(results))
     if rows:
         keys = Table("model", "prompt", "k_max", "accuracy by distance from the question", title="passkey retrieval",

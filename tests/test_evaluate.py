@@ -249,6 +249,21 @@ def test_eval_of_run_in_nf4_is_the_4bit_base_plus_adapter(trained_run, corpus, t
     assert full["perplexity"]["256"] != pytest.approx(got["perplexity"]["256"], rel=1e-4)  # NF4 is not the deployed model
 
 
+def test_a_run_is_loaded_at_its_revision_with_its_trust_remote_code(tmp_path):
+    folder = tmp_path / "run"
+    (folder / run.ADAPTER).mkdir(parents=True)
+    (folder / run.ADAPTER / "adapter_config.json").write_text("{}")
+    (folder / run.RECIPE).write_text("model:\n  base: org/model\n  revision: v2\n  trust_remote_code: true\n")
+    run.write_json(folder / run.META, {"base": "org/model", "base_path": "org/model", "revision": "0123abc",
+                                       "quant": "nf4", "double_quant": False, "compute_dtype": "bfloat16"})
+    deployed, _ = ev.section_for(str(folder), "none")
+    assert (deployed.base, deployed.revision, deployed.trust_remote_code, deployed.quant) == ("org/model", "v2", True, "none")
+    trained, meta = ev.section_for(str(folder), "nf4")
+    assert (trained.quant, trained.double_quant, trained.compute_dtype) == ("nf4", False, "bf16")
+    (folder / run.RECIPE).write_text("model:\n  base: org/model\n")
+    assert ev.section_for(str(folder), "none")[0].revision == "0123abc"  # the commit training resolved
+
+
 def test_eval_compares_rope_settings_side_by_side(tiny_base, corpus, tmp_path):
     args = ["--lengths", "64,256", "--stride", "64", "--windows", "1", "--no-passkey", "--data", str(corpus)]
     result = RUNNER.invoke(app, ["eval", str(tiny_base), "--rope", "none,linear:4", *args, "--output", str(tmp_path / "r")],
@@ -266,6 +281,16 @@ def test_eval_compares_rope_settings_side_by_side(tiny_base, corpus, tmp_path):
     assert (tmp_path / "r" / "plot.png").is_file()
 
 
+def test_eval_passkey_alone(tiny_base, corpus, tmp_path):
+    result = RUNNER.invoke(app, ["eval", str(tiny_base), "--no-perplexity", "--passkey-lengths", "192", "--distances", "2",
+                                 "--trials", "1", "--data", str(corpus), "--output", str(tmp_path / "k")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads((tmp_path / "k" / "results.json").read_text())["results"].values()
+    assert "perplexity" not in r and list(r["passkey"]["192"]["accuracy"]) == ["96", "192"]
+    assert "passkey retrieval" in result.output and "perplexity with" not in result.output
+
+
 def test_eval_bad_input(tiny_base, corpus, tmp_path):
     too_long = RUNNER.invoke(app, ["eval", str(tiny_base), "--lengths", "100000", "--data", str(corpus),
                                    "--output", str(tmp_path / "e")])
@@ -273,7 +298,8 @@ def test_eval_bad_input(tiny_base, corpus, tmp_path):
     unknown = RUNNER.invoke(app, ["eval", "./no/such/model", "--data", str(corpus)])
     assert unknown.exit_code == 2 and "does not exist" in unknown.output
     for flag, value, says in (("--lengths", "a,b", "--lengths must be"), ("--rope", "yarn:2", "--rope takes"),
-                              ("--quant", "q3", "--quant must be"), ("--passkey-lengths", "1", "at least 2")):
+                              ("--quant", "q3", "--quant must be"), ("--passkey-lengths", "1", "at least 2"),
+                              ("--no-passkey", "--no-perplexity", "nothing to measure")):
         bad = RUNNER.invoke(app, ["eval", str(tiny_base), flag, value, "--data", str(corpus)])
         assert bad.exit_code == 2 and says in bad.output, bad.output
 
