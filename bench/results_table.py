@@ -52,9 +52,11 @@ def passkey_table(rows: dict) -> None:
 
 def main(paths: list[str]) -> None:
     rows = rows_of(paths)
-    perplexity_table(rows)
-    print()
-    position_table(rows)
+    measured = {name: r for name, r in rows.items() if "perplexity" in r}  # `--no-perplexity` runs have none
+    if measured:
+        perplexity_table(measured)
+        print()
+        position_table(measured)
     passkey_table(rows)
 
 
