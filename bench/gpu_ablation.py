@@ -128,8 +128,12 @@ def setup(stash: Path) -> dict:
 
 
 def sums() -> dict:
+    """bench/gpu_prepare.sh's SHA256SUMS: `gguf_name NAME`, `gguf_sha256 HEX`, ... (first word -> second)."""
     path = REPO / ".gpu" / "common" / "SHA256SUMS"
-    return dict(reversed(line.split()) for line in path.read_text().splitlines() if line.strip()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    pairs = [line.split() for line in path.read_text().splitlines() if not line.startswith("#")]
+    return {p[0]: p[1] for p in pairs if len(p) == 2}
 
 
 def sha256(path: Path) -> str:
