@@ -14,7 +14,7 @@ varied (embed_norm, on VARIED: more varied text than the Old Testament, as many 
 
 Device calls (the machine: bench/gpu.sh's header; run `bash bench/gpu_prepare.sh` here first: it fills
 .gpu/common with the wheels and the KJV data, .gpu/a and .gpu/b with the two halves of the GGUF):
-  1. run(command="python3 bench/gpu_ablation.py stage", carry=[".gpu/common", ".gpu/a"], timeout_s=150)
+  1. run(command="python3 bench/gpu_ablation.py stage", carry=[".gpu/common", ".gpu/a"], timeout_s=240)
      installs the wheels, keeps GGUF half 1 on the machine, trains + evaluates a tiny model on CUDA.
   2. at once: run(command="python3 bench/gpu_ablation.py grid", carry=[".gpu/common", ".gpu/b"], timeout_s=540)
      the base and the grid, time-boxed to BUDGET (470 s); writes ablation.md / ablation.json to $OUT.
@@ -373,7 +373,7 @@ def smoke(env: dict, stash: Path, out: Path) -> None:
     ot, nt = kjv(stash)
     (tiny / "logs").mkdir(parents=True)
     record = train_row(Row("smoke", "tiny model", 2e-3, ["lora.trainable=[embed,norm]"]), tiny / "base", ot, nt, DRY,
-                       3, tiny, env, time.monotonic() + 120, 40)
+                       3, tiny, env, time.monotonic() + 180, 60)
     ok = record.get("perplexity") and record.get("steps") == 3
     say(f"smoke {'OK: make the grid call now' if ok else 'FAILED: see logs'}: {json.dumps(record)[:400]}")
     shutil.copytree(tiny / "logs", out / "smoke-logs", dirs_exist_ok=True)
