@@ -20,7 +20,7 @@ Device calls (the machine: bench/gpu.sh's header; run `bash bench/gpu_prepare.sh
      the base and the grid, time-boxed to BUDGET (470 s); writes ablation.md / ablation.json to $OUT.
   3. the grid's winner for WINNER_STEPS (200), evaluated with 32 distances x WINNER_TRIALS (5):
      at once, on the same machine: run(command="python3 bench/gpu_ablation.py winner", carry=[".gpu/common"],
-     timeout_s=540); on a fresh machine (15 minutes of device time do not hold stage + grid + winner):
+     timeout_s=540); or later, on a fresh machine (the three calls take about 17 minutes of GPU time):
      call 1 again, then run(command="python3 bench/gpu_ablation.py winner --row NAME",
      carry=[".gpu/common", ".gpu/b"], timeout_s=540).
 Here, with no GPU: `python bench/gpu_ablation.py dry-run` runs every path (tiny model, 2 steps a row).
