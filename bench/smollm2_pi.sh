@@ -9,9 +9,10 @@
 #   TRAIN=1 STEPS=300 bash bench/smollm2_pi.sh  # also PI-train 8k -> 32k and evaluate the adapter (GPU)
 #
 # Settings (environment): KJV (../shared/data/kjv-books.jsonl), GGUF, PYTHON (.venv/bin/python if
-# there, else python3), LENGTHS, STRIDE (paper: 256), WINDOWS, ROPES, PASSKEY (1/0), DEPTHS, TRIALS,
-# TRAIN (1: train too), BASE (0: skip the base evaluations), TARGET (32768), STEPS, LR, ACCUM,
-# TRAIN_SET (extra --set options for train), OUT.
+# there, else python3), LENGTHS, STRIDE (paper: 256), WINDOWS, ROPES, PASSKEY (1/0), PASSKEY_LENGTHS,
+# DISTANCES, TRIALS, QUANT (eval's --quant for the trained run), TRAIN (1: train too), BASE (0: skip the
+# base evaluations), TARGET (32768), STEPS, LR, ACCUM, TRAIN_SET (extra --set options for train), OUT.
+# Each rope setting is its own `pi-lora eval` call, so a cut run keeps the results of those done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
@@ -24,7 +25,8 @@ STRIDE=${STRIDE:-256}
 WINDOWS=${WINDOWS:-1}
 OUT=${OUT:-eval/smollm2}
 PASSKEY=$([ "${PASSKEY:-1}" = 1 ] && echo --passkey || echo --no-passkey)
-[ -n "${DEPTHS:-}" ] && PASSKEY="$PASSKEY --depths $DEPTHS"
+[ -n "${PASSKEY_LENGTHS:-}" ] && PASSKEY="$PASSKEY --passkey-lengths $PASSKEY_LENGTHS"
+[ -n "${DISTANCES:-${DEPTHS:-}}" ] && PASSKEY="$PASSKEY --distances ${DISTANCES:-$DEPTHS}"
 [ -n "${TRIALS:-}" ] && PASSKEY="$PASSKEY --trials $TRIALS"
 TARGET=${TARGET:-32768}
 [ -f "$KJV" ] || { echo "no KJV text at $KJV (set KJV=path/to/kjv-books.jsonl)" >&2; exit 2; }
@@ -67,7 +69,7 @@ if [ "${TRAIN:-0}" = 1 ]; then
   $PY -m pi_lora train --base "$MODEL" --target-len "$TARGET" --data "$OUT/kjv-ot.jsonl" \
     --steps "${STEPS:-300}" --lr "${LR:-2e-4}" --batch-size 1 --grad-accum "${ACCUM:-4}" --output "$OUT/run-$TARGET" \
     --overwrite --set lora.trainable=[embed,norm] --set train.warmup_steps=10 --set train.save_every=50 ${TRAIN_SET:-}
-  $PY -m pi_lora eval "$OUT/run-$TARGET" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
+  $PY -m pi_lora eval "$OUT/run-$TARGET" --quant "${QUANT:-none}" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
     --data "$OUT/kjv-nt.jsonl" $PASSKEY --output "$OUT/trained"
 fi
 echo "results: $OUT/*/results.json"

@@ -271,34 +271,41 @@ def export(
 @handled
 def eval_(
     models_: list[str] = typer.Argument(..., metavar="MODEL...", help="Run folders, merged or plain model folders, hub ids/aliases, or .gguf files."),
-    lengths: Optional[str] = typer.Option(None, help="Comma-separated lengths \\[default: powers of two from 2048 up to the model's length]."),
-    stride: int = typer.Option(256, help="Sliding-window stride (the paper's 256)."),
-    windows: Optional[int] = typer.Option(None, help="Sliding windows at the longest length; every length is scored on the same tokens \\[default: 8, quick 2]."),
+    lengths: Optional[str] = typer.Option(None, help="Comma-separated context lengths L \\[default: powers of two from 2048 up to the model's length]."),
+    stride: int = typer.Option(256, help="Sliding-window stride S (the paper's 256): every scored token has at least L - S tokens of context."),
+    windows: Optional[int] = typer.Option(None, help="Strides scored: stride x windows tokens, the same at every length \\[default: 8, quick 2]."),
     data: str = typer.Option("emozilla/pg19", help="Hub dataset id or local file/folder, as in train."),
     split: str = typer.Option("test", help="Split of a hub dataset."),
     text_field: str = typer.Option("text", help="Field holding the text."),
-    rope: Optional[str] = typer.Option(None, help="none (plain RoPE) or linear:S, applied to every model; default: each model's own."),
-    passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Also measure passkey retrieval."),
-    trials: Optional[int] = typer.Option(None, help="Passkey trials per position \\[default: 5, quick 2]."),
-    depths: Optional[int] = typer.Option(None, help="Passkey positions across the window \\[default: 8, quick 4]."),
-    quick: bool = typer.Option(False, "--quick", help="A short run: fewer windows, trials and positions (explicit options win)."),
+    rope: Optional[str] = typer.Option(None, help="Comma-separated rope settings, each none (plain RoPE) or linear:S, compared side by side for every model \\[default: each model's own]."),
+    quant: str = typer.Option("none", help="Base weights: none (full precision: a run as deployed, equal to its merged model) or nf4/fp4/int8 (a run as trained)."),
+    perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help="Measure perplexity with L tokens of context."),
+    passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Measure passkey retrieval."),
+    passkey_lengths: Optional[str] = typer.Option(None, help="Comma-separated passkey prompt lengths \\[default: the longest length]."),
+    trials: Optional[int] = typer.Option(None, help="Passkey trials (random 5-digit keys) per distance \\[default: 10, quick 2]."),
+    distances: Optional[int] = typer.Option(None, "--distances", "--depths", help="Passkey distances from the question, evenly spaced out to the prompt length \\[default: 32, quick 8]."),
+    quick: bool = typer.Option(False, "--quick", help="A short run: fewer windows, trials and distances (explicit options win)."),
     output: Path = typer.Option(Path("eval"), "--output", "-o", help="Folder for results.json and plot.png."),
 ):
-    """Perplexity by length (sliding window) and passkey retrieval, for one or several models side by side."""
+    """Perplexity with L tokens of context and passkey retrieval by distance, for models side by side."""
     from . import evaluate as ev
     from . import train as train_mod
     from .recipe import DataSection
 
-    try:
-        parsed = [int(x) for x in lengths.split(",")] if lengths else None
-    except ValueError:
-        raise PiLoraError(f"--lengths must be comma-separated integers, not '{lengths}'.") from None
+    parsed = ev.parse_lengths(lengths, "--lengths")
+    keys_at = ev.parse_lengths(passkey_lengths, "--passkey-lengths")
     windows = windows or (2 if quick else 8)
-    trials = trials or (2 if quick else 5)
-    depths = depths or (4 if quick else 8)
-    if parsed is not None and min(parsed) < 2 or min(stride, windows, trials, depths) < 1:
-        raise PiLoraError("lengths must be at least 2, and stride, windows, trials and depths at least 1.")
-    settings = ev.Settings(parsed, stride, windows, trials, depths, passkey, rope)
+    trials = trials or (2 if quick else 10)
+    distances = distances or (8 if quick else 32)
+    if any(n < 2 for n in (parsed or []) + (keys_at or [])) or min(stride, windows, trials, distances) < 1:
+        raise PiLoraError("lengths must be at least 2, and stride, windows, trials and distances at least 1.")
+    if quant not in ("none", "nf4", "fp4", "int8"):
+        raise PiLoraError(f"--quant must be none, nf4, fp4 or int8, not '{quant}'.")
+    if not (perplexity or passkey):
+        raise PiLoraError("--no-perplexity and --no-passkey leave nothing to measure.")
+    ev.parse_ropes(rope)  # a bad setting fails before any model loads
+    settings = ev.Settings(lengths=parsed, stride=stride, windows=windows, trials=trials, distances=distances,
+                           passkey=passkey, perplexity=perplexity, passkey_lengths=keys_at, rope=rope, quant=quant)
     section = DataSection(source=data, split=split, text_field=text_field)
     with train_mod.progress_bar(console) as bar:
         results = ev.evaluate(models_, settings, section, output, bar)

@@ -1,30 +1,96 @@
 """`pi-lora eval`: did the extension work? The PI paper's two measures on the user's own model.
 
-Perplexity at several lengths by sliding window (stride 256 as the paper), scoring only the tokens
-new to each window, plus perplexity by position inside full windows (where a model breaks).
-Passkey retrieval (the paper's prompt) gives the effective context window.
+Perplexity with L tokens of context (paper §3.2): at every evaluated length L the same tokens are
+scored, each predicted by a window of L tokens ending at or just after it (sliding, stride S), so
+each has at least L - S tokens of context. Tokens that cannot get that much context at the longest
+length are scored at no length, so the lengths differ only in the context the model is given.
+Perplexity by position inside full windows of the longest length says where a model breaks.
+
+Passkey retrieval (paper §3.3): the key is placed k tokens before the end of the prompt (the
+question), for distances k from near the question out to the start of the window. The effective
+window k_max is the largest k such that every tested k' <= k succeeds in at least 20% of trials: it
+grows outward from the question.
 
 The LM head and the loss run in chunks of positions, so no (length x vocab) float32 logits exist.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import model, rope, run
-from .loss import parts
 from .errors import PiLoraError, first_line
+from .loss import parts
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
 QUESTION = "What is the pass key? The pass key is"
+# Small instruct models answer "the pass key. 27611 is ...": room to echo a phrase, then the number.
+ANSWER_TOKENS = 20
+THRESHOLD = 0.2  # the paper's: a distance counts as retrieved if at least 20% of its trials succeed
+LAYOUTS = ("llama", "mistral", "qwen2", "qwen3")  # decoder at .model, head at .lm_head (see loss.parts)
+
+
+# --- what to evaluate --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rope:
+    """A rope setting to evaluate a model with: `none` (plain RoPE) or `linear` by `factor`."""
+
+    text: str
+    kind: str
+    factor: float = 1.0
+
+
+def parse_rope(text: str) -> Rope:
+    """One `--rope` setting. Every rope type is parsed here and applied in `set_rope`."""
+    kind, _, arg = text.strip().partition(":")
+    if kind == "none" and not arg:
+        return Rope(text.strip(), "none")
+    if kind == "linear":
+        try:
+            factor = float(arg)
+        except ValueError:
+            factor = 0.0
+        if factor >= 1:
+            return Rope(text.strip(), "linear", factor)
+    raise PiLoraError(f"--rope takes comma-separated settings, each 'none' or 'linear:S' with S >= 1; not '{text}'.")
+
+
+def parse_lengths(text: str | None, flag: str) -> list[int] | None:
+    """`2048,8192` -> [2048, 8192]; None stays None (the default)."""
+    try:
+        return [int(x) for x in text.split(",")] if text else None
+    except ValueError:
+        raise PiLoraError(f"{flag} must be comma-separated integers, not '{text}'.") from None
+
+
+def parse_ropes(text: str | None) -> list[Rope | None]:
+    """`none,linear:4` -> one setting each, side by side; None -> [None]: each model's own setting."""
+    if text is None:
+        return [None]
+    return [parse_rope(part) for part in text.split(",")]
+
+
+def set_rope(config, setting: Rope) -> None:
+    """Plain RoPE or linear PI by the factor, keeping rope_theta and the trained length."""
+    length = rope.original_len(config)
+    theta = float(rope.rope_parameters_of(config)["rope_theta"])
+    if setting.kind == "none":
+        config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+        config.max_position_embeddings = length
+    else:
+        factor = setting.factor
+        rope.apply(config, rope.Interpolation(length, round(length * factor), factor, "linear", theta))
 
 
 @dataclass
@@ -38,72 +104,65 @@ class Subject:
     notes: dict = field(default_factory=dict)
 
 
-def parse_rope(text: str | None) -> float | None:
-    """`none` -> 1.0 (plain RoPE), `linear:S` -> S, None -> keep the checkpoint's setting."""
-    if text is None:
-        return None
-    if text == "none":
-        return 1.0
-    kind, _, factor = text.partition(":")
-    try:
-        value = float(factor)
-    except ValueError:
-        value = 0.0
-    if kind != "linear" or value < 1:
-        raise PiLoraError(f"--rope must be 'none' or 'linear:S' with S >= 1, not '{text}'.")
-    return value
+def is_run(path: Path) -> bool:
+    return (path / run.RECIPE).is_file() and (path / run.META).is_file()
 
 
-def set_rope(config, factor: float) -> None:
-    """Plain RoPE (factor 1) or linear PI by `factor`, keeping rope_theta and the trained length."""
-    length = rope.original_len(config)
-    theta = float(rope.rope_parameters_of(config)["rope_theta"])
-    if factor == 1.0:
-        config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
-        config.max_position_embeddings = length
-    else:
-        rope.apply(config, rope.Interpolation(length, round(length * factor), factor, "linear", theta))
+def section_for(spec: str, quant: str):
+    """The ModelSection that loads `spec`'s base, and the run's metadata (None for a plain model).
 
+    A run folder is loaded from the base it was trained on, at the run's revision, with its
+    trust_remote_code; quant 'none' is the full-precision base the user deploys (the merged model's
+    numbers), 'nf4' the 4-bit base the adapter was trained on.
+    """
+    from . import recipe as recipes_mod
+    from .recipe import ModelSection
 
-def load_subject(spec: str, rope_text: str | None = None, on: torch.device | None = None) -> Subject:
-    """A run folder (base + adapter), a merged or plain model folder, a hub id or alias, or a .gguf file."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    on = on or model.device()
-    dtype = torch.bfloat16 if on.type == "cuda" else torch.float32
     path = Path(spec)
-    factor = parse_rope(rope_text)
-    adapter = None
-    is_run = (path / run.RECIPE).is_file() and (path / run.META).is_file()
-    if is_run and not (path / run.ADAPTER / "adapter_config.json").is_file():
+    if not is_run(path):
+        return ModelSection(base=spec, quant=quant), None
+    if not (path / run.ADAPTER / "adapter_config.json").is_file():
         raise PiLoraError(f"run '{spec}' has no adapter yet (unfinished); finish it with pi-lora train --resume.")
-    if is_run:
-        meta = run.read_meta(path)
-        where, adapter = model.locate(meta.get("base_path") or meta["base"]), path / run.ADAPTER
-        config = AutoConfig.from_pretrained(where)
+    meta = run.read_meta(path)
+    trained = recipes_mod.read(path / run.RECIPE).get("model") or {}
+    section = ModelSection(base=meta.get("base_path") or meta["base"], quant=quant,
+                           revision=trained.get("revision") or meta.get("revision"),
+                           trust_remote_code=bool(trained.get("trust_remote_code", False)))
+    if quant != "none":  # as trained: its double quantization and compute dtype
+        section.double_quant = meta.get("double_quant", True)
+        section.compute_dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(meta.get("compute_dtype"), "auto")
+    return section, meta
+
+
+def load_subject(spec: str, setting: Rope | None = None, quant: str = "none",
+                 on: torch.device | None = None) -> Subject:
+    """A run folder (base + adapter), a merged or plain model folder, a hub id or alias, or a .gguf file."""
+    on = on or model.device()
+    section, meta = section_for(spec, quant)
+    config = model.load_config(section.base, section.revision, section.trust_remote_code)
+    if meta is not None:
         config.rope_parameters = dict(meta["rope_parameters"])
         config.max_position_embeddings = meta["target_len"]
-    else:
-        where = model.locate(spec)
-        try:
-            config = AutoConfig.from_pretrained(where)
-        except (OSError, ValueError) as e:
-            raise PiLoraError(f"cannot load model '{spec}': {first_line(e)}") from e
-    if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2", "qwen3"):
+    if getattr(config, "model_type", None) not in LAYOUTS:
         raise PiLoraError(f"'{spec}' is model_type '{config.model_type}'; eval supports LLaMA-layout models.")
-    if factor is not None:
-        set_rope(config, factor)
-    try:
-        net = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype).to(on)
-    except (OSError, ValueError) as e:
-        raise PiLoraError(f"cannot load the weights of '{spec}': {first_line(e)}") from e
-    if adapter is not None:
+    if setting is not None:
+        set_rope(config, setting)
+    net = model.load_base(section, config, on)
+    net.config.use_cache = True  # load_base turns the cache off for training; generation needs it
+    if meta is not None:
         from peft import PeftModel
 
-        net = PeftModel.from_pretrained(net, adapter)
-    label = f"{spec} (rope {rope_text})" if rope_text else spec
-    return Subject(label, net.eval(), AutoTokenizer.from_pretrained(where), config.max_position_embeddings)
+        try:
+            net = PeftModel.from_pretrained(net, Path(spec) / run.ADAPTER)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise PiLoraError(f"cannot load the adapter of '{spec}': {first_line(e)}") from e
+    label = spec + (f" (rope {setting.text})" if setting else "") + (f" [{quant}]" if quant != "none" else "")
+    tokenizer = model.load_tokenizer(section.base, section.revision, section.trust_remote_code)
+    return Subject(label, net.eval(), tokenizer, config.max_position_embeddings,
+                   {"rope": setting.text if setting else None, "quant": quant})
 
+
+# --- perplexity ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def token_nll(net, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -119,9 +178,8 @@ def token_nll(net, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
 
 
 def window_nll(net, tokens: torch.Tensor):
-    """NLL of a window [begin, end) of `tokens`, remembered: lengths and position bins share windows."""
-    import functools
-
+    """nll(begin, end): NLL of tokens[begin+1:end] given tokens[begin:...], remembered, as the
+    position bins reuse the first window of the longest length."""
     device = next(net.parameters()).device
 
     @functools.lru_cache(maxsize=None)
@@ -131,26 +189,47 @@ def window_nll(net, tokens: torch.Tensor):
     return nll
 
 
-def sliding_perplexity(net, tokens: torch.Tensor, length: int, stride: int = 256, nll=None) -> tuple[float, int]:
-    """Perplexity over `tokens` with windows of `length` whose ends advance by `stride`.
+def step_for(length: int, stride: int) -> int:
+    """The stride a window of `length` can use: each window must keep at least one token of context."""
+    return max(1, min(stride, length - 1))
 
-    Each token is scored once, in the first window that ends at or after it, so after the first
-    window every token sees at least length - stride tokens of context. The last window ends at the
-    end of the data and is still full length (no short, context-poor window at the edge). A stride of
-    `length` or more is taken as length - 1: windows must overlap by one token for each to be scored.
+
+def scored_span(longest: int, stride: int, windows: int) -> tuple[int, int]:
+    """[first, end) of the scored tokens: from the first that has longest - stride tokens of context
+    at the longest length, `windows` strides of it."""
+    step = step_for(longest, stride)
+    first = longest - step
+    return first, first + step * windows
+
+
+@dataclass
+class Scored:
+    perplexity: float
+    tokens: int
+    min_context: int
+
+
+def sliding_perplexity(nll, first: int, end: int, length: int, stride: int) -> Scored:
+    """Perplexity of tokens [first, end), each predicted by a window of `length` tokens.
+
+    The scored tokens are cut into chunks of `stride`; each chunk is scored by the window of `length`
+    that ends at the chunk's end, so each of its tokens has at least length - stride tokens of context.
+    `nll(begin, end)` gives the NLL of tokens begin+1 .. end-1 predicted within [begin, end).
     """
-    nll = nll or window_nll(net, tokens)
-    stride = min(stride, length - 1)
-    total, count, scored_to = 0.0, 0, 1  # tokens[0] has no prediction
-    end = min(length, len(tokens))
-    while scored_to < len(tokens):
-        begin = max(0, end - length)
-        new = nll(begin, end)[scored_to - begin - 1 :]  # nll[j] predicts token begin + j + 1
-        total += new.sum().item()
+    step = step_for(length, stride)
+    total, count, least = 0.0, 0, None
+    for start in range(first, end, step):
+        stop = min(start + step, end)
+        begin = max(0, stop - length)
+        new = nll(begin, stop)[start - begin - 1 : stop - begin - 1]  # [j] predicts token begin + j + 1
+        total += float(new.sum())
         count += len(new)
-        scored_to = end
-        end = min(end + stride, len(tokens))
-    return math.exp(total / count), count
+        least = start - begin if least is None else min(least, start - begin)
+    return Scored(math.exp(total / count), count, least)
+
+
+def windows_at(length: int, stride: int, first: int, end: int) -> int:
+    return math.ceil((end - first) / step_for(length, stride))
 
 
 def position_perplexity(net, tokens: torch.Tensor, length: int, bins: int, nll=None) -> list[float]:
@@ -169,64 +248,77 @@ def position_perplexity(net, tokens: torch.Tensor, length: int, bins: int, nll=N
     return [math.exp(s / c) if c else float("nan") for s, c in zip(sums.tolist(), counts.tolist())]
 
 
-def passkey_prompt(tokenizer, length: int, depth: int, key: int) -> tuple[list[int], str]:
-    """The paper's passkey prompt, `length` tokens long, with the key's sentence at token `depth`."""
-    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+# --- passkey -------------------------------------------------------------------------------------------
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def passkey_prompt(tokenizer, length: int, distance: int, key: int) -> tuple[list[int], str]:
+    """The paper's prompt, `length` tokens long, the key's sentence starting `distance` tokens before
+    the end (the end is the question). Distances beyond what the task text leaves put the key right
+    after it; distances shorter than the key's sentence and the question put it just before the question."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    head, info, question = bos + ids(TASK + " "), ids(f" The pass key is {key}. Remember it. {key} is the pass key. "), ids(" " + QUESTION)
-    filler = ids(" " + FILLER)
+    head = bos + token_ids(tokenizer, TASK + " ")
+    info = token_ids(tokenizer, f" The pass key is {key}. Remember it. {key} is the pass key. ")
+    question = token_ids(tokenizer, " " + QUESTION)
+    filler = token_ids(tokenizer, " " + FILLER)
     room = length - len(head) - len(info) - len(question)
     if room < 0:
         raise PiLoraError(f"a passkey prompt needs at least {length - room} tokens; {length} is too short.")
-    before = min(max(depth - len(head), 0), room)
-    fill = (filler * (room // len(filler) + 2))
-    prompt = head + fill[:before] + info + fill[before : room] + question
+    after = min(max(distance - len(info) - len(question), 0), room)  # filler between key and question
+    fill = filler * (room // len(filler) + 2)
+    prompt = head + fill[: room - after] + info + fill[room - after : room] + question
     return prompt, str(key)
 
 
 def passkey_found(generated: str, key: str) -> bool:
-    """Exactly the key: the first number in the answer is the key."""
-    import re
-
-    match = re.search(r"\d+", generated)
+    """The first 5-digit number of the answer is the key (echoed words before it are fine)."""
+    match = re.search(r"(?<!\d)\d{5}(?!\d)", generated)
     return bool(match) and match.group(0) == key
 
 
+def distances_for(length: int, count: int) -> list[int]:
+    """`count` distances from the question, evenly spaced from length/count out to the whole window."""
+    return sorted({max(1, round(length * (i + 1) / count)) for i in range(count)})
+
+
 @torch.no_grad()
-def passkey_accuracy(net, tokenizer, length: int, depths: list[int], trials: int, seed: int = 0,
+def passkey_accuracy(net, tokenizer, length: int, distances: list[int], trials: int, seed: int = 0,
                      progress=None) -> dict[int, float]:
+    """Fraction of `trials` random 5-digit keys retrieved at each distance, greedy decoding.
+    The same keys for every model (one seed), so models are compared on the same prompts."""
     rng = random.Random(seed)
-    task = progress.add_task("passkey", total=len(depths) * trials) if progress else None
+    task = progress.add_task(f"passkey {length:,}", total=len(distances) * trials, info="") if progress else None
     device = next(net.parameters()).device
     result = {}
-    for depth in depths:
+    for distance in distances:
         hits = 0
         for _ in range(trials):
             key = rng.randint(10000, 99999)
-            prompt, answer = passkey_prompt(tokenizer, length, depth, key)
+            prompt, answer = passkey_prompt(tokenizer, length, distance, key)
             ids = torch.tensor([prompt], device=device)
-            out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+            out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=ANSWER_TOKENS,
                                do_sample=False, pad_token_id=tokenizer.eos_token_id)
             hits += passkey_found(tokenizer.decode(out[0, len(prompt):]), answer)
             if progress:
                 progress.advance(task)
-        result[depth] = hits / trials
+        result[distance] = hits / trials
     return result
 
 
-def effective_window(accuracy: dict[int, float], threshold: float = 0.2) -> int:
-    """The paper's k_max: the largest k such that every k' <= k succeeds in at least 20% of trials."""
+def effective_window(accuracy: dict[int, float], threshold: float = THRESHOLD) -> int:
+    """The paper's k_max: the largest distance k such that every tested k' <= k succeeds in at least
+    `threshold` of its trials, scanned from the question outward; 0 when even the nearest fails."""
     best = 0
-    for depth in sorted(accuracy):
-        if accuracy[depth] < threshold:
+    for distance in sorted(accuracy):
+        if accuracy[distance] < threshold:
             break
-        best = depth
+        best = distance
     return best
 
 
-def save_json(path: Path, data: dict) -> None:
-    run.write_json(path, json.loads(json.dumps(data, default=str)))
-
+# --- data, settings, one model -------------------------------------------------------------------------
 
 def eval_tokens(section, tokenizer, need: int) -> torch.Tensor:
     """The first `need` tokens of the data (documents framed with BOS/EOS, as in training)."""
@@ -260,12 +352,120 @@ def default_lengths(max_len: int, smallest: int = 2048) -> list[int]:
     return out
 
 
-def depths_for(length: int, count: int) -> list[int]:
-    """Key positions spread over the window, from near the start to near the question."""
-    return sorted({max(1, round(length * (i + 0.5) / count)) for i in range(count)})
+@dataclass
+class Settings:
+    lengths: list[int] | None  # None: powers of two up to each model's length
+    stride: int = 256
+    windows: int = 8  # strides scored at the longest length: tokens scored = stride * windows
+    trials: int = 10
+    distances: int = 32
+    passkey: bool = True
+    perplexity: bool = True
+    passkey_lengths: list[int] | None = None  # None: the longest perplexity length
+    rope: str | None = None  # comma-separated settings, side by side; None: each model's own
+    quant: str = "none"
 
 
-def plot(path: Path, results: dict) -> None:
+def perplexities(nll, lengths: list[int], stride: int, first: int, end: int, progress=None) -> dict[int, Scored]:
+    """The same tokens [first, end) scored at every length, each with that length's context."""
+    task = None
+    if progress:
+        task = progress.add_task("perplexity", total=sum(windows_at(n, stride, first, end) for n in lengths), info="")
+    out = {}
+    for n in lengths:
+        counted = nll if task is None else counting(nll, progress, task)
+        out[n] = sliding_perplexity(counted, first, end, n, stride)
+    return out
+
+
+def counting(nll, progress, task):
+    def call(begin: int, end: int):
+        value = nll(begin, end)
+        progress.advance(task)
+        return value
+
+    return call
+
+
+def perplexity_part(subject: Subject, s: Settings, lengths: list[int], section, progress=None) -> dict:
+    longest = lengths[-1]
+    first, end = scored_span(longest, s.stride, s.windows)
+    tokens = eval_tokens(section, subject.tokenizer, end)
+    nll = window_nll(subject.net, tokens)
+    scored = perplexities(nll, lengths, s.stride, first, end, progress)
+    bins = max(1, longest // 2048) if longest >= 4096 else 4
+    width = longest // bins
+    return {
+        "perplexity": {str(n): r.perplexity for n, r in scored.items()},
+        "scored_tokens": {str(n): r.tokens for n, r in scored.items()},
+        "min_context": {str(n): r.min_context for n, r in scored.items()},
+        "by_position": {f"{i * width}-{(i + 1) * width}": v
+                        for i, v in enumerate(position_perplexity(subject.net, tokens, longest, bins, nll))},
+        "tokens": len(tokens),
+    }
+
+
+def passkey_part(subject: Subject, s: Settings, lengths: list[int], progress=None) -> dict:
+    out = {}
+    for length in s.passkey_lengths or lengths[-1:]:
+        distances = distances_for(length, s.distances)
+        accuracy = passkey_accuracy(subject.net, subject.tokenizer, length, distances, s.trials, progress=progress)
+        out[str(length)] = {"trials": s.trials, "accuracy": {str(k): v for k, v in accuracy.items()},
+                            "k_max": effective_window(accuracy)}
+    return out
+
+
+def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
+    lengths = sorted(s.lengths or default_lengths(subject.max_len))
+    result = {"max_len": subject.max_len, **subject.notes}
+    if s.perplexity:
+        result.update(perplexity_part(subject, s, lengths, section, progress))
+    if s.passkey:
+        result["passkey"] = passkey_part(subject, s, lengths, progress)
+    return result
+
+
+def save_json(path: Path, data: dict) -> None:
+    run.write_json(path, json.loads(json.dumps(data, default=str)))
+
+
+def evaluate(specs: list[str], s: Settings, section, output: Path, progress=None) -> dict:
+    """Every model in `specs` under every rope setting, side by side; writes results.json and plot.png."""
+    results = {}
+    settings = parse_ropes(s.rope)
+    output.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        for setting in settings:
+            subject = load_subject(spec, setting, s.quant)
+            results[subject.label] = evaluate_one(subject, s, section, progress)
+            del subject
+            # after every model, so a long evaluation cut short keeps the models it finished
+            save_json(output / "results.json", {"settings": s.__dict__, "data": section.model_dump(),
+                                                "results": results})
+            save_plot(output / "plot.png", results)
+    return results
+
+
+def save_plot(path: Path, results: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(results)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# --- reporting -----------------------------------------------------------------------------------------
+
+def passkey_rows(results: dict):
+    """(label, length, entry) for every passkey measurement."""
+    for label, r in results.items():
+        for length, entry in (r.get("passkey") or {}).items():
+            yield label, int(length), entry
+
+
+def figure(results: dict):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,91 +473,48 @@ def plot(path: Path, results: dict) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for label, r in results.items():
+        if "perplexity" not in r:
+            continue
         lengths = sorted(int(k) for k in r["perplexity"])
         left.plot(lengths, [r["perplexity"][str(n)] for n in lengths], marker="o", label=label)
-        if r.get("passkey"):
-            depths = sorted(int(k) for k in r["passkey"]["accuracy"])
-            right.plot(depths, [r["passkey"]["accuracy"][str(d)] for d in depths], marker="o", label=label)
+    for label, length, entry in passkey_rows(results):
+        distances = sorted(int(k) for k in entry["accuracy"])
+        right.plot(distances, [entry["accuracy"][str(d)] for d in distances], marker="o",
+                   label=f"{label}, {length:,}-token prompt")
     left.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",
-             title="Perplexity by length (sliding window)")
-    right.set(xlabel="passkey position (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05), title="Passkey retrieval")
+             title="Perplexity with L tokens of context")
+    right.set(xlabel="distance from the question (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
+              title="Passkey retrieval")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-@dataclass
-class Settings:
-    lengths: list[int] | None  # None: powers of two up to each model's length
-    stride: int = 256
-    windows: int = 8  # windows at the longest length: tokens = longest + stride * (windows - 1)
-    trials: int = 5
-    depths: int = 8
-    passkey: bool = True
-    rope: str | None = None
-
-
-def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
-    lengths = s.lengths or default_lengths(subject.max_len)
-    longest = max(lengths)
-    tokens = eval_tokens(section, subject.tokenizer, max(longest + s.stride * (s.windows - 1), longest))
-    task = progress.add_task(f"perplexity {subject.label}", total=len(lengths)) if progress else None
-    ppl, nll = {}, window_nll(subject.net, tokens)
-    for n in lengths:
-        # the same tokens at every length, as the paper compares lengths on the same documents
-        ppl[str(n)], _ = sliding_perplexity(subject.net, tokens, n, s.stride, nll)
-        if progress:
-            progress.advance(task)
-    bins = max(1, longest // 2048) if longest >= 4096 else 4
-    by_position = position_perplexity(subject.net, tokens, longest, bins, nll)
-    width = longest // bins
-    result = {
-        "max_len": subject.max_len,
-        "perplexity": ppl,
-        "by_position": {f"{i * width}-{(i + 1) * width}": v for i, v in enumerate(by_position)},
-        "tokens": len(tokens),
-    }
-    if s.passkey:
-        depths = depths_for(longest, s.depths)
-        accuracy = passkey_accuracy(subject.net, subject.tokenizer, longest, depths, s.trials, progress=progress)
-        result["passkey"] = {"length": longest, "trials": s.trials, "accuracy": {str(k): v for k, v in accuracy.items()},
-                             "k_max": effective_window(accuracy)}
-    return result
-
-
-def evaluate(specs: list[str], s: Settings, section, output: Path, progress=None) -> dict:
-    """Every model in `specs`, side by side; writes results.json and plot.png to `output`."""
-    results = {}
-    for spec in specs:
-        subject = load_subject(spec, s.rope)
-        results[subject.label] = evaluate_one(subject, s, section, progress)
-        del subject
-    output.mkdir(parents=True, exist_ok=True)
-    save_json(output / "results.json", {"settings": s.__dict__, "data": section.model_dump(), "results": results})
-    plot(output / "plot.png", results)
-    return results
+    return fig
 
 
 def tables(results: dict):
-    """Perplexity by length and passkey k_max, one row per model."""
+    """Perplexity by context length and passkey k_max, one row per model (and rope setting)."""
     from rich.console import Group
     from rich.table import Table
 
-    lengths = sorted({int(n) for r in results.values() for n in r["perplexity"]})
-    ppl = Table("model", *[f"{n:,}" for n in lengths], title="perplexity by length", title_justify="left")
-    for label, r in results.items():
-        ppl.add_row(label, *[f"{r['perplexity'][str(n)]:.2f}" if str(n) in r["perplexity"] else "-" for n in lengths])
-    parts_ = [ppl]
-    if any("passkey" in r for r in results.values()):
-        keys = Table("model", "length", "k_max", "accuracy by position", title="passkey retrieval", title_justify="left")
-        for label, r in results.items():
-            p = r.get("passkey")
-            if p:
-                acc = " ".join(f"{k}:{v:.0%}" for k, v in p["accuracy"].items())
-                keys.add_row(label, f"{p['length']:,}", f"{p['k_max']:,}", acc)
-        parts_.append(keys)
-    return Group(*parts_)
+    measured = {label: r for label, r in results.items() if "perplexity" in r}
+    lengths = sorted({int(n) for r in measured.values() for n in r["perplexity"]})
+    context = {n: min(r["min_context"][str(n)] for r in measured.values() if str(n) in r["min_context"])
+               for n in lengths}
+    ppl = Table("model", *[f"{n:,}\n(ctx >= {context[n]:,})" for n in lengths], "scored tokens",
+                title="perplexity with L tokens of context (the same tokens at every L)", title_justify="left")
+    for label, r in measured.items():
+        cells = [f"{r['perplexity'][str(n)]:.2f}" if str(n) in r["perplexity"] else "-" for n in lengths]
+        counts = sorted({v for v in r["scored_tokens"].values()})
+        ppl.add_row(label, *cells, ", ".join(f"{c:,}" for c in counts))
+    out = [ppl] if measured else []
+    rows = list(passkey_rows(results))
+    if rows:
+        keys = Table("model", "prompt", "k_max", "accuracy by distance from the question", title="passkey retrieval",
+                     title_justify="left")
+        for label, length, entry in rows:
+            acc = " ".join(f"{int(k):,}:{v:.0%}" for k, v in entry["accuracy"].items())
+            keys.add_row(label, f"{length:,}", f"{entry['k_max']:,}", acc)
+        out.append(keys)
+    return Group(*out)

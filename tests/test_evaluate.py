@@ -1,7 +1,10 @@
-"""`pi-lora eval`: perplexity against a direct computation, passkey prompt and scorer, run == merged."""
+"""`pi-lora eval`: perplexity with L context against direct computations, passkey k_max against an
+oracle model, run == merged (deployed) and run --quant nf4 == the 4-bit base + adapter."""
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +13,10 @@ from typer.testing import CliRunner
 
 from pi_lora import evaluate as ev
 from pi_lora import merge as merge_mod
+from pi_lora import run
 from pi_lora.cli import app
 from pi_lora.errors import PiLoraError
+from pi_lora.recipe import DataSection
 
 RUNNER = CliRunner()
 
@@ -26,25 +31,7 @@ def tokenizer(tiny_base):
     return AutoTokenizer.from_pretrained(tiny_base)
 
 
-def direct_sliding(net, ids, length, stride):
-    """Oracle: full logits and -100 labels. Window ends at length, length + stride, ..., the data's end;
-    each window scores the tokens after the previous window's end."""
-    stride = min(stride, length - 1)
-    ends = list(range(min(length, len(ids)), len(ids), stride)) + [len(ids)]
-    total, counted, prev_end = 0.0, 0, 1
-    for end in dict.fromkeys(ends):
-        begin = max(0, end - length)
-        x = ids[begin:end][None]
-        labels = x.clone()
-        labels[:, : prev_end - begin] = -100
-        with torch.no_grad():
-            logits = net(input_ids=x).logits[0, :-1]
-        loss = torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum")
-        total += loss.item()
-        counted += (labels[0, 1:] != -100).sum().item()
-        prev_end = end
-    return math.exp(total / counted)
-
+# --- perplexity -------------------------------------------------------------------------------------
 
 def test_chunked_nll_equals_full_logits(tiny):
     ids = torch.randint(0, 500, (60,), generator=torch.Generator().manual_seed(0))
@@ -54,20 +41,55 @@ def test_chunked_nll_equals_full_logits(tiny):
     torch.testing.assert_close(ev.token_nll(tiny, ids, chunk=7), want, rtol=1e-5, atol=1e-5)
 
 
-def test_one_window_is_plain_perplexity(tiny):
-    ids = torch.randint(0, 500, (50,), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        loss = tiny(input_ids=ids[None], labels=ids[None]).loss
-    ppl, n = ev.sliding_perplexity(tiny, ids, length=64, stride=256)
-    assert n == 49 and ppl == pytest.approx(math.exp(loss.item()), rel=1e-5)
+def context_stub(f, h):
+    """nll(begin, end) of a stub model: a token's NLL is f(its context inside the window) + h(the token)."""
+    calls = []
+
+    def nll(begin, end):
+        calls.append((begin, end))
+        return torch.tensor([f(j) + h(begin + j) for j in range(1, end - begin)], dtype=torch.float64)
+
+    return nll, calls
 
 
-@pytest.mark.parametrize("n, length, stride", [(100, 40, 16), (97, 32, 32), (64, 64, 10), (81, 20, 7)])
-def test_sliding_window_matches_direct_computation(tiny, n, length, stride):
-    ids = torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n))
-    ppl, counted = ev.sliding_perplexity(tiny, ids, length, stride)
-    assert counted == n - 1  # every token but the first scored once, edges included
-    assert ppl == pytest.approx(direct_sliding(tiny, ids, length, stride), rel=1e-5)
+@pytest.mark.parametrize("lengths, stride, windows", [([64, 128, 256], 32, 3), ([100, 300], 64, 2), ([50, 200], 16, 5)])
+def test_perplexity_at_L_is_the_same_tokens_with_at_least_L_minus_S_context(lengths, stride, windows):
+    f = lambda c: 5.0 / (1 + c)  # noqa: E731  context matters: less context, higher NLL
+    h = lambda p: (p % 7) / 10  # noqa: E731  and each token has its own difficulty
+    first, end = ev.scored_span(max(lengths), stride, windows)
+    assert (first, end) == (max(lengths) - stride, max(lengths) - stride + stride * windows)
+    nll, calls = context_stub(f, h)
+    got = ev.perplexities(nll, lengths, stride, first, end)
+    scored = range(max(lengths) - stride, end)  # only tokens with longest - S context at the longest length
+    for n in lengths:
+        # every chunk of S scored tokens sees contexts n - S .. n - 1 once each
+        want = math.exp(sum(f(c) for c in range(n - stride, n)) / stride + sum(h(p) for p in scored) / len(scored))
+        assert got[n].perplexity == pytest.approx(want, rel=1e-12)
+        assert got[n].tokens == stride * windows and got[n].min_context == n - stride
+    assert all(e - b in lengths for b, e in calls) and min(b for b, _ in calls) == 0
+
+
+def test_stride_one_is_each_token_predicted_by_a_window_ending_at_it(tiny):
+    """A direct computation with the model: every scored token predicted from exactly L - 1 tokens."""
+    ids = torch.randint(0, 500, (80,), generator=torch.Generator().manual_seed(4))
+    lengths, longest = [16, 48], 48
+    first, end = ev.scored_span(longest, 1, 32)
+    got = ev.perplexities(ev.window_nll(tiny, ids), lengths, 1, first, end)
+    for n in lengths:
+        nlls = []
+        for p in range(first, end):
+            with torch.no_grad():
+                logits = tiny(input_ids=ids[p - n + 1 : p][None]).logits[0, -1]
+            nlls.append(torch.nn.functional.cross_entropy(logits[None], ids[p : p + 1]).item())
+        assert got[n].tokens == 32 and got[n].min_context == n - 1
+        assert got[n].perplexity == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
+
+
+def test_stride_longer_than_a_length_still_scores_every_token_once():
+    nll, _ = context_stub(lambda c: 1.0 / (1 + c), lambda p: 0.0)
+    first, end = ev.scored_span(256, 128, 2)
+    got = ev.perplexities(nll, [32, 256], 128, first, end)
+    assert got[32].tokens == got[256].tokens == 256 and got[32].min_context == 1 and got[256].min_context == 128
 
 
 def test_position_bins_cover_full_windows(tiny):
@@ -79,14 +101,25 @@ def test_position_bins_cover_full_windows(tiny):
         ev.position_perplexity(tiny, ids, 256, 4)
 
 
-@pytest.mark.parametrize("length, depth", [(300, 40), (300, 150), (500, 400), (256, 0)])
-def test_passkey_prompt_places_the_key_and_has_the_length(tokenizer, length, depth):
-    prompt, answer = ev.passkey_prompt(tokenizer, length, depth, 48213)
+# --- passkey ----------------------------------------------------------------------------------------
+
+def key_start(tokenizer, prompt):
+    """Where the key's sentence starts: the first ' The pass key is' (the question has the second)."""
+    info = tokenizer(" The pass key is", add_special_tokens=False)["input_ids"]
+    return next(i for i in range(len(prompt)) if prompt[i : i + len(info)] == info)
+
+
+@pytest.mark.parametrize("length, distance", [(300, 40), (300, 150), (500, 400), (256, 256), (256, 1)])
+def test_passkey_prompt_puts_the_key_at_its_distance_from_the_end(tokenizer, length, distance):
+    prompt, answer = ev.passkey_prompt(tokenizer, length, distance, 48213)
     assert len(prompt) == length and answer == "48213"
-    info = tokenizer(" The pass key is 48213.", add_special_tokens=False)["input_ids"]
-    starts = [i for i in range(len(prompt)) if prompt[i : i + len(info)] == info]
+    info = tokenizer(" The pass key is 48213. Remember it. 48213 is the pass key. ", add_special_tokens=False)["input_ids"]
+    question = tokenizer(" " + ev.QUESTION, add_special_tokens=False)["input_ids"]
     head = len(tokenizer(ev.TASK + " ", add_special_tokens=False)["input_ids"]) + 1  # + BOS
-    assert starts == [max(depth, head)]  # once, at the requested depth (never inside the task text)
+    start = key_start(tokenizer, prompt)
+    assert prompt[start : start + len(info)] == info
+    # distance from the end, within what the task text and the question leave
+    assert length - start == min(max(distance, len(info) + len(question)), length - head)
     assert tokenizer.decode(prompt).rstrip().endswith(ev.QUESTION)
 
 
@@ -96,47 +129,166 @@ def test_passkey_prompt_too_short():
         ev.passkey_prompt(tok, 20, 5, 12345)
 
 
-def test_passkey_scorer_accepts_exactly_the_key():
+def test_passkey_scorer_takes_the_first_five_digit_number():
     assert ev.passkey_found(" 48213. Remember", "48213")
     assert ev.passkey_found("48213", "48213")
+    assert ev.passkey_found(" the pass key. 48213 is the pass key", "48213")
+    assert ev.passkey_found(" 3. The key: 48213", "48213")
     assert not ev.passkey_found(" 482134", "48213")
     assert not ev.passkey_found(" 4821", "48213")
     assert not ev.passkey_found(" the key", "48213")
     assert not ev.passkey_found(" 11111 48213", "48213")
 
 
-def test_effective_window():
+class Oracle(torch.nn.Module):
+    """Answers the key only when it lies within `reach` tokens of the end of the prompt."""
+
+    def __init__(self, tokenizer, reach):
+        super().__init__()
+        self.tokenizer, self.reach = tokenizer, reach
+        self.seen = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, **kwargs):
+        prompt = input_ids[0].tolist()
+        distance = len(prompt) - key_start(self.tokenizer, prompt)
+        key = re.search(r"The pass key is (\d{5})", self.tokenizer.decode(prompt)).group(1)
+        answer = f" the pass key. {key if distance <= self.reach else '12345'} is it."
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        assert len(ids) <= kwargs["max_new_tokens"]
+        return torch.tensor([prompt + ids])
+
+
+@pytest.mark.parametrize("reach, want", [(300, 256), (64, 64), (63, 0), (10, 0), (10_000, 512)])
+def test_k_max_grows_outward_from_the_question(tokenizer, reach, want):
+    distances = ev.distances_for(512, 8)
+    assert distances == [64, 128, 192, 256, 320, 384, 448, 512]
+    accuracy = ev.passkey_accuracy(Oracle(tokenizer, reach), tokenizer, 512, distances, trials=2)
+    assert ev.effective_window(accuracy) == want  # the largest tested distance <= reach; a perfect model: L
+
+
+def test_effective_window_stops_at_the_first_failure_from_the_question():
     assert ev.effective_window({100: 1.0, 200: 0.4, 300: 0.2, 400: 0.0, 500: 1.0}) == 300
     assert ev.effective_window({100: 0.1, 200: 1.0}) == 0
 
 
-def test_rope_option():
-    assert ev.parse_rope("none") == 1.0 and ev.parse_rope("linear:4") == 4.0 and ev.parse_rope(None) is None
-    for bad in ("linear", "yarn:2", "linear:0.5"):
-        with pytest.raises(PiLoraError):
-            ev.parse_rope(bad)
+def test_table_and_plot_show_accuracy_by_distance(tokenizer):
+    results = {"m": {"perplexity": {"64": 3.0}, "scored_tokens": {"64": 32}, "min_context": {"64": 48},
+                     "passkey": {"512": {"trials": 2, "accuracy": {"64": 1.0, "256": 0.5, "512": 0.0}, "k_max": 256}}}}
+    fig = ev.figure(results)
+    right = fig.axes[1]
+    assert right.get_xlabel() == "distance from the question (tokens)"
+    assert list(right.lines[0].get_xdata()) == [64, 256, 512] and list(right.lines[0].get_ydata()) == [1.0, 0.5, 0.0]
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(ev.tables(results))
+    text = console.export_text()
+    assert "accuracy by distance from the question" in text and "64:100% 256:50% 512:0%" in text
+    assert "ctx >= 48" in text and "| 256" not in text
 
 
-def test_eval_of_run_equals_eval_of_merged_and_writes_outputs(tiny_base, corpus, tmp_path):
-    out = tmp_path / "run"
+def test_rope_settings():
+    assert ev.parse_ropes(None) == [None]
+    none, linear = ev.parse_ropes("none, linear:4")
+    assert (none.kind, none.factor, linear.kind, linear.factor, linear.text) == ("none", 1.0, "linear", 4.0, "linear:4")
+    for bad in ("linear", "yarn:2", "linear:0.5", "none:2", "none,"):
+        with pytest.raises(PiLoraError, match="--rope"):
+            ev.parse_ropes(bad)
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_base, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
     trained = RUNNER.invoke(app, ["train", "--base", str(tiny_base), "--target-len", "256", "--data", str(corpus),
                                   "--output", str(out), "--steps", "2", "--grad-accum", "1", "--lr", "1e-2",
-                                  "--set", "lora.trainable=[norm]"], catch_exceptions=False)
+                                  "--set", "lora.trainable=[embed,norm]"], catch_exceptions=False)
     assert trained.exit_code == 0, trained.output
+    return out
+
+
+def test_eval_of_run_equals_eval_of_merged_and_writes_outputs(trained_run, tiny_base, corpus, tmp_path):
     merged = tmp_path / "merged"
-    merge_mod.merge(out, merged, check=False)
-    result = RUNNER.invoke(app, ["eval", str(out), str(merged), str(tiny_base), "--lengths", "64,128,256",
-                                 "--data", str(corpus), "--quick", "--output", str(tmp_path / "ev")],
-                           catch_exceptions=False)
+    merge_mod.merge(trained_run, merged, check=False)
+    result = RUNNER.invoke(app, ["eval", str(trained_run), str(merged), str(tiny_base), "--lengths", "64,128,256",
+                                 "--stride", "32", "--data", str(corpus), "--quick", "--passkey-lengths", "192,256",
+                                 "--output", str(tmp_path / "ev")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]
-    run_r, merged_r, base_r = data[str(out)], data[str(merged)], data[str(tiny_base)]
+    run_r, merged_r, base_r = data[str(trained_run)], data[str(merged)], data[str(tiny_base)]
     for n in ("64", "128", "256"):
         assert run_r["perplexity"][n] == pytest.approx(merged_r["perplexity"][n], rel=1e-4)
-    assert run_r["passkey"]["accuracy"] == merged_r["passkey"]["accuracy"]
+        assert run_r["scored_tokens"][n] == 64 and run_r["min_context"][n] == int(n) - 32
+    assert set(run_r["passkey"]) == {"192", "256"}
+    assert run_r["passkey"]["256"]["accuracy"] == merged_r["passkey"]["256"]["accuracy"]
+    assert list(run_r["passkey"]["256"]["accuracy"]) == [str(d) for d in ev.distances_for(256, 8)]
     assert base_r["perplexity"]["64"] != pytest.approx(run_r["perplexity"]["64"], rel=1e-4)
     assert (tmp_path / "ev" / "plot.png").stat().st_size > 10_000
-    assert "perplexity by length" in result.output
+    assert "perplexity with L tokens of context" in result.output
+
+
+def test_eval_of_run_in_nf4_is_the_4bit_base_plus_adapter(trained_run, corpus, tmp_path):
+    """--quant nf4: the numbers of the model as trained, against merge's peft reference of it."""
+    result = RUNNER.invoke(app, ["eval", str(trained_run), "--quant", "nf4", "--lengths", "64,256", "--stride", "64",
+                                 "--windows", "2", "--no-passkey", "--data", str(corpus), "--output", str(tmp_path / "q")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    got = json.loads((tmp_path / "q" / "results.json").read_text())["results"][f"{trained_run} [nf4]"]
+    meta = run.read_meta(trained_run)
+    reference = merge_mod.reference(Path(meta["base_path"]), trained_run / run.ADAPTER, meta, "dequantized")
+    first, end = ev.scored_span(256, 64, 2)
+    tokens = ev.eval_tokens(DataSection(source=str(corpus), split="test"),
+                            AutoTokenizer.from_pretrained(meta["base_path"]), end)
+    want = ev.perplexities(ev.window_nll(reference, tokens), [64, 256], 64, first, end)
+    for n in (64, 256):
+        assert got["perplexity"][str(n)] == pytest.approx(want[n].perplexity, rel=1e-4)
+    deployed = RUNNER.invoke(app, ["eval", str(trained_run), "--lengths", "64,256", "--stride", "64", "--windows", "2",
+                                   "--no-passkey", "--data", str(corpus), "--output", str(tmp_path / "d")])
+    full = json.loads((tmp_path / "d" / "results.json").read_text())["results"][str(trained_run)]
+    assert full["perplexity"]["256"] != pytest.approx(got["perplexity"]["256"], rel=1e-4)  # NF4 is not the deployed model
+
+
+def test_a_run_is_loaded_at_its_revision_with_its_trust_remote_code(tmp_path):
+    folder = tmp_path / "run"
+    (folder / run.ADAPTER).mkdir(parents=True)
+    (folder / run.ADAPTER / "adapter_config.json").write_text("{}")
+    (folder / run.RECIPE).write_text("model:\n  base: org/model\n  revision: v2\n  trust_remote_code: true\n")
+    run.write_json(folder / run.META, {"base": "org/model", "base_path": "org/model", "revision": "0123abc",
+                                       "quant": "nf4", "double_quant": False, "compute_dtype": "bfloat16"})
+    deployed, _ = ev.section_for(str(folder), "none")
+    assert (deployed.base, deployed.revision, deployed.trust_remote_code, deployed.quant) == ("org/model", "v2", True, "none")
+    trained, meta = ev.section_for(str(folder), "nf4")
+    assert (trained.quant, trained.double_quant, trained.compute_dtype) == ("nf4", False, "bf16")
+    (folder / run.RECIPE).write_text("model:\n  base: org/model\n")
+    assert ev.section_for(str(folder), "none")[0].revision == "0123abc"  # the commit training resolved
+
+
+def test_eval_compares_rope_settings_side_by_side(tiny_base, corpus, tmp_path):
+    args = ["--lengths", "64,256", "--stride", "64", "--windows", "1", "--no-passkey", "--data", str(corpus)]
+    result = RUNNER.invoke(app, ["eval", str(tiny_base), "--rope", "none,linear:4", *args, "--output", str(tmp_path / "r")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    own = RUNNER.invoke(app, ["eval", str(tiny_base), *args, "--output", str(tmp_path / "own")], catch_exceptions=False)
+    assert own.exit_code == 0, own.output
+    data = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
+    plain, pi = data[f"{tiny_base} (rope none)"], data[f"{tiny_base} (rope linear:4)"]
+    as_is = json.loads((tmp_path / "own" / "results.json").read_text())["results"][str(tiny_base)]
+    assert (plain["max_len"], pi["max_len"], as_is["max_len"]) == (64, 256, 64)
+    assert plain["perplexity"] == as_is["perplexity"]  # the tiny base has plain RoPE: 'none' changes nothing
+    assert pi["perplexity"]["64"] != pytest.approx(plain["perplexity"]["64"], rel=1e-6)  # positions compressed 4x (random weights: a small change)
+    assert "(rope none)" in result.output and "(rope linear:4)" in result.output
+    assert (tmp_path / "r" / "plot.png").is_file()
+
+
+def test_eval_passkey_alone(tiny_base, corpus, tmp_path):
+    result = RUNNER.invoke(app, ["eval", str(tiny_base), "--no-perplexity", "--passkey-lengths", "192", "--distances", "2",
+                                 "--trials", "1", "--data", str(corpus), "--output", str(tmp_path / "k")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads((tmp_path / "k" / "results.json").read_text())["results"].values()
+    assert "perplexity" not in r and list(r["passkey"]["192"]["accuracy"]) == ["96", "192"]
+    assert "passkey retrieval" in result.output and "perplexity with" not in result.output
 
 
 def test_eval_bad_input(tiny_base, corpus, tmp_path):
@@ -145,5 +297,49 @@ def test_eval_bad_input(tiny_base, corpus, tmp_path):
     assert too_long.exit_code == 2 and "the data holds" in too_long.output
     unknown = RUNNER.invoke(app, ["eval", "./no/such/model", "--data", str(corpus)])
     assert unknown.exit_code == 2 and "does not exist" in unknown.output
-    bad = RUNNER.invoke(app, ["eval", str(tiny_base), "--lengths", "a,b", "--data", str(corpus)])
-    assert bad.exit_code == 2
+    for flag, value, says in (("--lengths", "a,b", "--lengths must be"), ("--rope", "yarn:2", "--rope takes"),
+                              ("--quant", "q3", "--quant must be"), ("--passkey-lengths", "1", "at least 2"),
+                              ("--no-passkey", "--no-perplexity", "nothing to measure")):
+        bad = RUNNER.invoke(app, ["eval", str(tiny_base), flag, value, "--data", str(corpus)])
+        assert bad.exit_code == 2 and says in bad.output, bad.output
+
+
+# --- the real model (SmolLM2-135M, trained to 8,192 tokens) -----------------------------------------
+
+from test_real_model import KJV, missing, smollm2, smollm2_folder  # noqa: E402,F401  (shared fixtures)
+
+
+@pytest.fixture(scope="module")
+def new_testament(tmp_path_factory):
+    if not KJV.is_file():
+        missing(str(KJV))
+    books = KJV.read_text().splitlines()[39:]  # the 27 New Testament books, after the 39 of the Old
+    out = tmp_path_factory.mktemp("nt") / "kjv-nt.jsonl"
+    out.write_text("\n".join(books) + "\n")
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_retrieves_the_passkey_at_every_distance_of_2048_token_prompts(smollm2_folder, new_testament, tmp_path):
+    result = RUNNER.invoke(app, ["eval", str(smollm2_folder), "--lengths", "2048", "--stride", "1024", "--windows", "1",
+                                 "--distances", "4", "--trials", "2", "--data", str(new_testament),
+                                 "--output", str(tmp_path / "e")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    keys = json.loads((tmp_path / "e" / "results.json").read_text())["results"][str(smollm2_folder)]["passkey"]["2048"]
+    assert list(keys["accuracy"]) == ["512", "1024", "1536", "2048"]
+    assert keys["k_max"] >= 1536, keys
+
+
+@pytest.mark.slow
+def test_smollm2_extrapolation_breaks_at_16k_and_pi_x2_holds(smollm2_folder, new_testament, tmp_path):
+    """The same 2,048 tokens, with at least 6,144 and 14,336 tokens of context."""
+    result = RUNNER.invoke(app, ["eval", str(smollm2_folder), "--rope", "none,linear:2", "--lengths", "8192,16384",
+                                 "--stride", "2048", "--windows", "1", "--no-passkey", "--data", str(new_testament),
+                                 "--output", str(tmp_path / "e")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "e" / "results.json").read_text())["results"]
+    plain, pi = data[f"{smollm2_folder} (rope none)"], data[f"{smollm2_folder} (rope linear:2)"]
+    assert plain["scored_tokens"] == pi["scored_tokens"] == {"8192": 2048, "16384": 2048}
+    assert plain["min_context"] == {"8192": 6144, "16384": 14336}
+    assert plain["perplexity"]["16384"] > 3 * plain["perplexity"]["8192"], plain["perplexity"]
+    assert pi["perplexity"]["16384"] < 1.2 * pi["perplexity"]["8192"], pi["perplexity"]
