@@ -304,7 +304,7 @@ def base_rows(base: Path, nt: Path, plan: Plan, work: Path, env: dict, deadline:
     for rope, name in (("none", "base, no PI"), (f"linear:{plan.target // base_len(base)}", "base, PI untrained")):
         start = time.monotonic()
         folder = work / "eval" / f"base-{rope.replace(':', '-')}"
-        rc = run_logged(pi_lora("eval", base, "--rope", rope, *eval_args(plan, nt, folder)), env,
+        rc = run_logged(pi_lora("eval", base, "--scaling", rope, *eval_args(plan, nt, folder)), env,
                         work / "logs" / f"eval-base-{rope.replace(':', '-')}.log", deadline)
         out.append({"row": name, "change": f"rope {rope}, no training", "tokens": 0, "eval_rc": rc,
                     "eval_s": round(time.monotonic() - start, 1), **results_of(folder)})

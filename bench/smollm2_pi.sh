@@ -59,7 +59,7 @@ PY
 
 for rope in $([ "${BASE:-1}" = 1 ] && echo "${ROPES:-none linear:2 linear:4}"); do
   echo "== base, rope $rope"
-  $PY -m pi_lora eval "$MODEL" --rope "$rope" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
+  $PY -m pi_lora eval "$MODEL" --scaling "$rope" --lengths "$LENGTHS" --stride "$STRIDE" --windows "$WINDOWS" \
     --data "$OUT/kjv-nt.jsonl" $PASSKEY --output "$OUT/base-${rope/:/-}"
 done
 

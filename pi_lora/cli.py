@@ -271,44 +271,66 @@ def export(
 @handled
 def eval_(
     models_: list[str] = typer.Argument(..., metavar="MODEL...", help="Run folders, merged or plain model folders, hub ids/aliases, or .gguf files."),
-    lengths: Optional[str] = typer.Option(None, help="Comma-separated context lengths L \\[default: powers of two from 2048 up to the model's length]."),
+    lengths: Optional[str] = typer.Option(None, help="Comma-separated context lengths L \\[default: powers of two from the base's trained length (at most 2048) up to the model's length]."),
     stride: int = typer.Option(256, help="Sliding-window stride S (the paper's 256): every scored token has at least L - S tokens of context."),
     windows: Optional[int] = typer.Option(None, help="Strides scored: stride x windows tokens, the same at every length \\[default: 8, quick 2]."),
-    data: str = typer.Option("emozilla/pg19", help="Hub dataset id or local file/folder, as in train."),
-    split: str = typer.Option("test", help="Split of a hub dataset."),
+    source: Optional[str] = typer.Option(None, "--source", "--data", help="Evaluation data: a hub dataset id or a local file/folder \\[default: a run's held-out data (data.eval_fraction, data.eval_source), else its training data; other models: emozilla/pg19]."),
+    split: str = typer.Option("test", help="Split of a hub dataset given with --source."),
     text_field: str = typer.Option("text", help="Field holding the text."),
-    rope: Optional[str] = typer.Option(None, help="Comma-separated rope settings, each none (plain RoPE) or linear:S, compared side by side for every model \\[default: each model's own]."),
-    quant: str = typer.Option("none", help="Base weights: none (full precision: a run as deployed, equal to its merged model) or nf4/fp4/int8 (a run as trained)."),
+    scaling: Optional[str] = typer.Option(None, "--scaling", "--rope", help="Comma-separated rope settings compared side by side, each none or KIND:S with KIND linear, yarn, ntk or dynamic \\[default: each model's own]."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Show a run beside its base with no scaling and with the run's setting untrained (when --scaling is not given)."),
+    quant: Literal["none", "nf4", "fp4", "int8"] = typer.Option("none", help="Base weights: none (full precision: a run as deployed, equal to its merged model) or nf4/fp4/int8 (a run as trained)."),
     perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help="Measure perplexity with L tokens of context."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Measure passkey retrieval."),
     passkey_lengths: Optional[str] = typer.Option(None, help="Comma-separated passkey prompt lengths \\[default: the longest length]."),
     trials: Optional[int] = typer.Option(None, help="Passkey trials (random 5-digit keys) per distance \\[default: 10, quick 2]."),
     distances: Optional[int] = typer.Option(None, "--distances", "--depths", help="Passkey distances from the question, evenly spaced out to the prompt length \\[default: 32, quick 8]."),
     quick: bool = typer.Option(False, "--quick", help="A short run: fewer windows, trials and distances (explicit options win)."),
-    output: Path = typer.Option(Path("eval"), "--output", "-o", help="Folder for results.json and plot.png."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the base's own model code (needed again for a run trained with it)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for results.json and plot.png \\[default: RUN/eval for one run, else eval/<first model's name>]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ):
     """Perplexity with L tokens of context and passkey retrieval by distance, for models side by side."""
+    import contextlib
+    import shutil
+
     from . import evaluate as ev
+    from . import run
     from . import train as train_mod
-    from .recipe import DataSection
 
     parsed = ev.parse_lengths(lengths, "--lengths")
     keys_at = ev.parse_lengths(passkey_lengths, "--passkey-lengths")
-    windows = windows or (2 if quick else 8)
-    trials = trials or (2 if quick else 10)
-    distances = distances or (8 if quick else 32)
+    windows = windows if windows is not None else (2 if quick else 8)
+    trials = trials if trials is not None else (2 if quick else 10)
+    distances = distances if distances is not None else (8 if quick else 32)
     if any(n < 2 for n in (parsed or []) + (keys_at or [])) or min(stride, windows, trials, distances) < 1:
-        raise PiLoraError("lengths must be at least 2, and stride, windows, trials and distances at least 1.")
-    if quant not in ("none", "nf4", "fp4", "int8"):
-        raise PiLoraError(f"--quant must be none, nf4, fp4 or int8, not '{quant}'.")
+        raise PiLoraError("lengths must be at least 2, and --stride, --windows, --trials and --distances at least 1.")
     if not (perplexity or passkey):
         raise PiLoraError("--no-perplexity and --no-passkey leave nothing to measure.")
-    ev.parse_ropes(rope)  # a bad setting fails before any model loads
+    ev.parse_ropes(scaling)  # a bad setting fails before any model loads
+    runs = [Path(m) for m in models_ if ev.is_run(Path(m))]
+    output = output or ev.default_output(models_)
+    run.check_writable(output)
+    if output.exists() and not output.is_dir():
+        raise PiLoraError(f"--output '{output}' is a file; give a folder.")
+    section, note = ev.data_section(models_, source, split, text_field)
+    if note:
+        console.print(f"[yellow]note[/]: {note}")
     settings = ev.Settings(lengths=parsed, stride=stride, windows=windows, trials=trials, distances=distances,
-                           passkey=passkey, perplexity=perplexity, passkey_lengths=keys_at, rope=rope, quant=quant)
-    section = DataSection(source=data, split=split, text_field=text_field)
-    with train_mod.progress_bar(console) as bar:
-        results = ev.evaluate(models_, settings, section, output, bar)
+                           passkey=passkey, perplexity=perplexity, passkey_lengths=keys_at, rope=scaling, quant=quant,
+                           baselines=baselines, trust_remote_code=trust_remote_code)
+    with contextlib.ExitStack() as held:
+        held.enter_context(run.writing(output))
+        for folder in runs:  # no `train --resume` changes a run while it is measured
+            held.enter_context(run.reading(folder))
+        if output.exists() and any(output.iterdir()):
+            if not overwrite:
+                raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
+            shutil.rmtree(output)
+        with train_mod.progress_bar(console) as bar:
+            results = ev.evaluate(models_, settings, section, output, bar)
+    for folder in runs:
+        run.record_output(folder, output, "eval")
     console.print(ev.tables(results))
     console.print(f"[green]results[/] in {output / 'results.json'}, plot in {output / 'plot.png'}")
 

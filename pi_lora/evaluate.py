@@ -44,7 +44,7 @@ LAYOUTS = ("llama", "mistral", "qwen2", "qwen3")  # decoder at .model, head at .
 
 @dataclass(frozen=True)
 class Rope:
-    """A rope setting to evaluate a model with: `none` (plain RoPE) or `linear` by `factor`."""
+    """A rope setting to evaluate a model with: `none` (plain RoPE), or a rope.SCALINGS kind by `factor`."""
 
     text: str
     kind: str
@@ -52,18 +52,19 @@ class Rope:
 
 
 def parse_rope(text: str) -> Rope:
-    """One `--rope` setting. Every rope type is parsed here and applied in `set_rope`."""
+    """One `--scaling` setting: `none`, or KIND:S with KIND one of rope.SCALINGS and S >= 1."""
     kind, _, arg = text.strip().partition(":")
     if kind == "none" and not arg:
         return Rope(text.strip(), "none")
-    if kind == "linear":
+    if kind in rope.SCALINGS:
         try:
             factor = float(arg)
         except ValueError:
             factor = 0.0
         if factor >= 1:
-            return Rope(text.strip(), "linear", factor)
-    raise PiLoraError(f"--rope takes comma-separated settings, each 'none' or 'linear:S' with S >= 1; not '{text}'.")
+            return Rope(text.strip(), kind, factor)
+    raise PiLoraError(f"--scaling takes comma-separated settings, each 'none' or KIND:S with KIND one of "
+                      f"{', '.join(rope.SCALINGS)} and S >= 1; not '{text}'.")
 
 
 def parse_lengths(text: str | None, flag: str) -> list[int] | None:
@@ -81,16 +82,20 @@ def parse_ropes(text: str | None) -> list[Rope | None]:
     return [parse_rope(part) for part in text.split(",")]
 
 
-def set_rope(config, setting: Rope) -> None:
-    """Plain RoPE or linear PI by the factor, keeping rope_theta and the trained length."""
-    length = rope.original_len(config)
-    theta = float(rope.rope_parameters_of(config)["rope_theta"])
+def set_rope(config, setting: Rope) -> int:
+    """Plain RoPE, or the setting's kind by its factor over the base's trained length (a llama3
+    base: over the length it handles), through rope.interpolation. Returns the length it claims."""
     if setting.kind == "none":
-        config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+        length = rope.original_len(config)
+        config.rope_parameters = {"rope_type": "default",
+                                  "rope_theta": float(rope.rope_parameters_of(config)["rope_theta"])}
         config.max_position_embeddings = length
-    else:
-        factor = setting.factor
-        rope.apply(config, rope.Interpolation(length, round(length * factor), factor, "linear", theta))
+        return length
+    base = rope.base_scaling(config)
+    length = base.current_len if base.rope_type == "llama3" else base.original_len
+    pi = rope.interpolation(config, round(length * setting.factor), setting.kind)
+    rope.apply(config, pi)
+    return pi.target_len
 
 
 @dataclass
@@ -102,13 +107,14 @@ class Subject:
     tokenizer: object
     max_len: int
     notes: dict = field(default_factory=dict)
+    trained_len: int = 0  # the base's pretrained length: where the default lengths start (at most 2048)
 
 
 def is_run(path: Path) -> bool:
     return (path / run.RECIPE).is_file() and (path / run.META).is_file()
 
 
-def section_for(spec: str, quant: str):
+def section_for(spec: str, quant: str, trust_remote_code: bool = False):
     """The ModelSection that loads `spec`'s base, and the run's metadata (None for a plain model).
 
     A run folder is loaded from the base it was trained on, at the run's revision, with its
@@ -120,46 +126,64 @@ def section_for(spec: str, quant: str):
 
     path = Path(spec)
     if not is_run(path):
-        return ModelSection(base=spec, quant=quant), None
+        return ModelSection(base=spec, quant=quant, trust_remote_code=trust_remote_code), None
     if not (path / run.ADAPTER / "adapter_config.json").is_file():
         raise PiLoraError(f"run '{spec}' has no adapter yet (unfinished); finish it with pi-lora train --resume.")
     meta = run.read_meta(path)
+    run.require_trust(meta, trust_remote_code, "eval")
     trained = recipes_mod.read(path / run.RECIPE).get("model") or {}
     section = ModelSection(base=meta.get("base_path") or meta["base"], quant=quant,
                            revision=trained.get("revision") or meta.get("revision"),
-                           trust_remote_code=bool(trained.get("trust_remote_code", False)))
+                           trust_remote_code=trust_remote_code)
     if quant != "none":  # as trained: its double quantization and compute dtype
         section.double_quant = meta.get("double_quant", True)
         section.compute_dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(meta.get("compute_dtype"), "auto")
     return section, meta
 
 
-def load_subject(spec: str, setting: Rope | None = None, quant: str = "none",
-                 on: torch.device | None = None) -> Subject:
-    """A run folder (base + adapter), a merged or plain model folder, a hub id or alias, or a .gguf file."""
+def load_subject(spec: str, setting: Rope | None = None, quant: str = "none", on: torch.device | None = None,
+                 trust_remote_code: bool = False, label: str | None = None, adapter: bool = True) -> Subject:
+    """A run folder (base + adapter, with the run's rope setting unless `setting` replaces it), a
+    merged or plain model folder, a hub id or alias, or a .gguf file. `adapter=False`: a run's base
+    alone (the baselines)."""
     on = on or model.device()
-    section, meta = section_for(spec, quant)
+    section, meta = section_for(spec, quant, trust_remote_code)
     config = model.load_config(section.base, section.revision, section.trust_remote_code)
-    if meta is not None:
+    trained_len = rope.original_len(config) if getattr(config, "rope_parameters", None) else 0
+    claimed = config.max_position_embeddings
+    if meta is not None and setting is None:
         config.rope_parameters = dict(meta["rope_parameters"])
-        config.max_position_embeddings = meta["target_len"]
+        config.max_position_embeddings = rope.from_meta(meta).max_position_embeddings()
+        claimed, trained_len = meta["target_len"], meta["original_len"]
     if getattr(config, "model_type", None) not in LAYOUTS:
         raise PiLoraError(f"'{spec}' is model_type '{config.model_type}'; eval supports LLaMA-layout models.")
     if setting is not None:
-        set_rope(config, setting)
+        claimed = set_rope(config, setting)
     net = model.load_base(section, config, on)
     net.config.use_cache = True  # load_base turns the cache off for training; generation needs it
-    if meta is not None:
+    if meta is not None and adapter:
         from peft import PeftModel
 
         try:
             net = PeftModel.from_pretrained(net, Path(spec) / run.ADAPTER)
         except (OSError, ValueError, RuntimeError) as e:
             raise PiLoraError(f"cannot load the adapter of '{spec}': {first_line(e)}") from e
-    label = spec + (f" (rope {setting.text})" if setting else "") + (f" [{quant}]" if quant != "none" else "")
+    label = label or spec + (f" (scaling {setting.text})" if setting else "") + (f" [{quant}]" if quant != "none" else "")
     tokenizer = model.load_tokenizer(section.base, section.revision, section.trust_remote_code)
-    return Subject(label, net.eval(), tokenizer, config.max_position_embeddings,
-                   {"rope": setting.text if setting else None, "quant": quant})
+    return Subject(label, net.eval(), tokenizer, claimed,
+                   {"rope": setting.text if setting else None, "quant": quant}, trained_len)
+
+
+def baselines(spec: str) -> list[tuple[Rope, str]]:
+    """What a run is measured against: its base with plain RoPE, and with the run's setting untrained."""
+    meta = run.read_meta(Path(spec))
+    llama3 = meta["rope_type"] == "llama3"  # extended by raising its own factor: "linear" over its length
+    kind = "linear" if llama3 else meta["rope_type"]
+    factor = meta["target_len"] / ((meta.get("base_len") if llama3 else None) or meta["original_len"])
+    own = Rope(f"{kind}:{factor:g}", kind, factor)
+    name = Path(spec).name
+    return [(Rope("none", "none"), f"{name}: base, no scaling"),
+            (own, f"{name}: base, {own.text} untrained")]
 
 
 # --- perplexity ----------------------------------------------------------------------------------------
@@ -321,10 +345,17 @@ def effective_window(accuracy: dict[int, float], threshold: float = THRESHOLD) -
 # --- data, settings, one model -------------------------------------------------------------------------
 
 def eval_tokens(section, tokenizer, need: int) -> torch.Tensor:
-    """The first `need` tokens of the data (documents framed with BOS/EOS, as in training)."""
+    """The first `need` tokens of the data (documents framed with BOS/EOS, as in training); of a
+    run's held-out data when the section holds some out (data.eval_fraction / data.eval_source)."""
     from . import data
     from .demo import home
 
+    if section.eval_fraction or section.eval_source:
+        tokens = data.held_out_tokens(section, tokenizer, need, home() / "tokens")
+        if len(tokens) < need:
+            raise PiLoraError(f"the run's held-out data holds {len(tokens)} tokens; this evaluation needs {need} "
+                              "(lower the longest length or the number of windows, or give --source).")
+        return tokens
     files = data.local_files(section.source)
     if files is not None:
         stream = data.cached_tokens(section, files, tokenizer, home() / "tokens")
@@ -364,6 +395,8 @@ class Settings:
     passkey_lengths: list[int] | None = None  # None: the longest perplexity length
     rope: str | None = None  # comma-separated settings, side by side; None: each model's own
     quant: str = "none"
+    baselines: bool = True  # a run is shown beside its base with no scaling and with its own, untrained
+    trust_remote_code: bool = False
 
 
 def perplexities(nll, lengths: list[int], stride: int, first: int, end: int, progress=None) -> dict[int, Scored]:
@@ -416,13 +449,63 @@ def passkey_part(subject: Subject, s: Settings, lengths: list[int], progress=Non
 
 
 def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
-    lengths = sorted(s.lengths or default_lengths(subject.max_len))
+    lengths = sorted(s.lengths or default_lengths(subject.max_len, min(2048, subject.trained_len or 2048)))
     result = {"max_len": subject.max_len, **subject.notes}
     if s.perplexity:
         result.update(perplexity_part(subject, s, lengths, section, progress))
     if s.passkey:
         result["passkey"] = passkey_part(subject, s, lengths, progress)
     return result
+
+
+def shared_lengths(specs: list[str], s: Settings) -> Settings:
+    """Every model at the same lengths (the same tokens scored): with a run among them, the default
+    lengths go from its base's trained length (at most 2048) to its target, for its baselines too."""
+    import dataclasses
+
+    runs = [Path(spec) for spec in specs if is_run(Path(spec))]
+    if s.lengths or not runs:
+        return s
+    meta = run.read_meta(runs[0])
+    return dataclasses.replace(s, lengths=default_lengths(meta["target_len"], min(2048, meta["original_len"])))
+
+
+def subjects(specs: list[str], s: Settings):
+    """(spec, rope setting, label, with adapter) of everything to evaluate, in table order."""
+    for spec in specs:
+        if s.rope is None and s.baselines and is_run(Path(spec)):
+            for setting, label in baselines(spec):
+                yield spec, setting, label, False
+        for setting in parse_ropes(s.rope):
+            yield spec, setting, None, True
+
+
+def default_output(specs: list[str]) -> Path:
+    """RUN/eval for one run folder (its outputs live in it), else eval/<the first model's name>."""
+    first = Path(specs[0])
+    if len(specs) == 1 and is_run(first):
+        return first / run.EVAL
+    name = first.resolve().name if first.exists() else specs[0].replace("/", "--")
+    return Path("eval") / (name + (f"+{len(specs) - 1}" if len(specs) > 1 else ""))
+
+
+def data_section(specs: list[str], source: str | None, split: str, text_field: str):
+    """What to evaluate on, and a note to show: --source when given; else the first run's own data,
+    its held-out part when it holds one out; else PG-19's test split."""
+    from . import recipe as recipes_mod
+    from .recipe import DataSection
+
+    if source is not None:
+        return DataSection(source=source, split=split, text_field=text_field), None
+    runs = [Path(s) for s in specs if is_run(Path(s))]
+    if not runs:
+        return DataSection(source="emozilla/pg19", split="test", text_field=text_field), None
+    saved = recipes_mod.read(runs[0] / run.RECIPE).get("data") or {}
+    section = DataSection.model_validate({k: v for k, v in saved.items() if k in DataSection.model_fields})
+    if section.eval_fraction or section.eval_source:
+        return section, f"evaluating on the held-out data of {runs[0]} (never trained on)"
+    return section, (f"{runs[0]} holds no data out (data.eval_fraction, data.eval_source), so this is its "
+                     f"training data '{section.source}'; give --source for text it has not seen")
 
 
 def save_json(path: Path, data: dict) -> None:
@@ -432,17 +515,17 @@ def save_json(path: Path, data: dict) -> None:
 def evaluate(specs: list[str], s: Settings, section, output: Path, progress=None) -> dict:
     """Every model in `specs` under every rope setting, side by side; writes results.json and plot.png."""
     results = {}
-    settings = parse_ropes(s.rope)
     output.mkdir(parents=True, exist_ok=True)
-    for spec in specs:
-        for setting in settings:
-            subject = load_subject(spec, setting, s.quant)
-            results[subject.label] = evaluate_one(subject, s, section, progress)
-            del subject
-            # after every model, so a long evaluation cut short keeps the models it finished
-            save_json(output / "results.json", {"settings": s.__dict__, "data": section.model_dump(),
-                                                "results": results})
-            save_plot(output / "plot.png", results)
+    s = shared_lengths(specs, s)
+    for spec, setting, label, adapter in subjects(specs, s):
+        subject = load_subject(spec, setting, s.quant, trust_remote_code=s.trust_remote_code, label=label,
+                               adapter=adapter)
+        results[subject.label] = evaluate_one(subject, s, section, progress)
+        del subject
+        # after every model, so a long evaluation cut short keeps the models it finished
+        save_json(output / "results.json", {"settings": s.__dict__, "data": section.model_dump(),
+                                            "results": results})
+        save_plot(output / "plot.png", results)
     return results
 
 

@@ -191,8 +191,8 @@ def test_rope_settings():
     assert ev.parse_ropes(None) == [None]
     none, linear = ev.parse_ropes("none, linear:4")
     assert (none.kind, none.factor, linear.kind, linear.factor, linear.text) == ("none", 1.0, "linear", 4.0, "linear:4")
-    for bad in ("linear", "yarn:2", "linear:0.5", "none:2", "none,"):
-        with pytest.raises(PiLoraError, match="--rope"):
+    for bad in ("linear", "cubic:2", "linear:0.5", "none:2", "none,"):
+        with pytest.raises(PiLoraError, match="--scaling"):
             ev.parse_ropes(bad)
 
 
@@ -249,35 +249,39 @@ def test_eval_of_run_in_nf4_is_the_4bit_base_plus_adapter(trained_run, corpus, t
     assert full["perplexity"]["256"] != pytest.approx(got["perplexity"]["256"], rel=1e-4)  # NF4 is not the deployed model
 
 
-def test_a_run_is_loaded_at_its_revision_with_its_trust_remote_code(tmp_path):
+def test_a_run_is_loaded_at_its_revision_and_asks_for_trust_remote_code_again(tmp_path):
     folder = tmp_path / "run"
     (folder / run.ADAPTER).mkdir(parents=True)
     (folder / run.ADAPTER / "adapter_config.json").write_text("{}")
     (folder / run.RECIPE).write_text("model:\n  base: org/model\n  revision: v2\n  trust_remote_code: true\n")
     run.write_json(folder / run.META, {"base": "org/model", "base_path": "org/model", "revision": "0123abc",
-                                       "quant": "nf4", "double_quant": False, "compute_dtype": "bfloat16"})
-    deployed, _ = ev.section_for(str(folder), "none")
+                                       "quant": "nf4", "double_quant": False, "compute_dtype": "bfloat16",
+                                       "original_len": 64, "target_len": 256, "factor": 4.0, "rope_type": "linear",
+                                       "rope_theta": 1e4, "trust_remote_code": True})
+    with pytest.raises(PiLoraError, match="--trust-remote-code"):
+        ev.section_for(str(folder), "none")  # a shared run folder never grants it by itself
+    deployed, _ = ev.section_for(str(folder), "none", trust_remote_code=True)
     assert (deployed.base, deployed.revision, deployed.trust_remote_code, deployed.quant) == ("org/model", "v2", True, "none")
-    trained, meta = ev.section_for(str(folder), "nf4")
+    trained, meta = ev.section_for(str(folder), "nf4", trust_remote_code=True)
     assert (trained.quant, trained.double_quant, trained.compute_dtype) == ("nf4", False, "bf16")
     (folder / run.RECIPE).write_text("model:\n  base: org/model\n")
-    assert ev.section_for(str(folder), "none")[0].revision == "0123abc"  # the commit training resolved
+    assert ev.section_for(str(folder), "none", True)[0].revision == "0123abc"  # the commit training resolved
 
 
 def test_eval_compares_rope_settings_side_by_side(tiny_base, corpus, tmp_path):
     args = ["--lengths", "64,256", "--stride", "64", "--windows", "1", "--no-passkey", "--data", str(corpus)]
-    result = RUNNER.invoke(app, ["eval", str(tiny_base), "--rope", "none,linear:4", *args, "--output", str(tmp_path / "r")],
+    result = RUNNER.invoke(app, ["eval", str(tiny_base), "--scaling", "none,linear:4", *args, "--output", str(tmp_path / "r")],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     own = RUNNER.invoke(app, ["eval", str(tiny_base), *args, "--output", str(tmp_path / "own")], catch_exceptions=False)
     assert own.exit_code == 0, own.output
     data = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
-    plain, pi = data[f"{tiny_base} (rope none)"], data[f"{tiny_base} (rope linear:4)"]
+    plain, pi = data[f"{tiny_base} (scaling none)"], data[f"{tiny_base} (scaling linear:4)"]
     as_is = json.loads((tmp_path / "own" / "results.json").read_text())["results"][str(tiny_base)]
     assert (plain["max_len"], pi["max_len"], as_is["max_len"]) == (64, 256, 64)
     assert plain["perplexity"] == as_is["perplexity"]  # the tiny base has plain RoPE: 'none' changes nothing
     assert pi["perplexity"]["64"] != pytest.approx(plain["perplexity"]["64"], rel=1e-6)  # positions compressed 4x (random weights: a small change)
-    assert "(rope none)" in result.output and "(rope linear:4)" in result.output
+    assert "(scaling none)" in result.output and "(scaling linear:4)" in result.output
     assert (tmp_path / "r" / "plot.png").is_file()
 
 
@@ -297,8 +301,8 @@ def test_eval_bad_input(tiny_base, corpus, tmp_path):
     assert too_long.exit_code == 2 and "the data holds" in too_long.output
     unknown = RUNNER.invoke(app, ["eval", "./no/such/model", "--data", str(corpus)])
     assert unknown.exit_code == 2 and "does not exist" in unknown.output
-    for flag, value, says in (("--lengths", "a,b", "--lengths must be"), ("--rope", "yarn:2", "--rope takes"),
-                              ("--quant", "q3", "--quant must be"), ("--passkey-lengths", "1", "at least 2"),
+    for flag, value, says in (("--lengths", "a,b", "--lengths must be"), ("--scaling", "cubic:2", "--scaling takes"),
+                              ("--quant", "q3", "'q3' is not one of"), ("--passkey-lengths", "1", "at least 2"),
                               ("--no-passkey", "--no-perplexity", "nothing to measure")):
         bad = RUNNER.invoke(app, ["eval", str(tiny_base), flag, value, "--data", str(corpus)])
         assert bad.exit_code == 2 and says in bad.output, bad.output
@@ -333,12 +337,12 @@ def test_smollm2_retrieves_the_passkey_at_every_distance_of_2048_token_prompts(s
 @pytest.mark.slow
 def test_smollm2_extrapolation_breaks_at_16k_and_pi_x2_holds(smollm2_folder, new_testament, tmp_path):
     """The same 2,048 tokens, with at least 6,144 and 14,336 tokens of context."""
-    result = RUNNER.invoke(app, ["eval", str(smollm2_folder), "--rope", "none,linear:2", "--lengths", "8192,16384",
+    result = RUNNER.invoke(app, ["eval", str(smollm2_folder), "--scaling", "none,linear:2", "--lengths", "8192,16384",
                                  "--stride", "2048", "--windows", "1", "--no-passkey", "--data", str(new_testament),
                                  "--output", str(tmp_path / "e")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "e" / "results.json").read_text())["results"]
-    plain, pi = data[f"{smollm2_folder} (rope none)"], data[f"{smollm2_folder} (rope linear:2)"]
+    plain, pi = data[f"{smollm2_folder} (scaling none)"], data[f"{smollm2_folder} (scaling linear:2)"]
     assert plain["scored_tokens"] == pi["scored_tokens"] == {"8192": 2048, "16384": 2048}
     assert plain["min_context"] == {"8192": 6144, "16384": 14336}
     assert plain["perplexity"]["16384"] > 3 * plain["perplexity"]["8192"], plain["perplexity"]

@@ -281,3 +281,19 @@ def test_demo_base_cache_is_keyed_and_readable(monkeypatch, tmp_path):
     assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
     monkeypatch.setattr(demo, "DEMO_CONFIG", {**demo.DEMO_CONFIG, "num_hidden_layers": 2})
     assert demo.demo_key() not in folder.name
+
+
+def test_eval_of_a_run_shows_its_baselines_on_its_held_out_data(validated_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(validated_run, copy)
+    result = RUNNER.invoke(app, ["eval", str(copy), "--quick", "--no-passkey", "--stride", "32"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "held-out data" in " ".join(result.output.split())
+    saved = json.loads((copy / run.EVAL / "results.json").read_text())
+    labels = list(saved["results"])
+    assert labels == ["run: base, no scaling", "run: base, linear:2 untrained", str(copy)]
+    assert {tuple(r["perplexity"]) for r in saved["results"].values()} == {("64", "128")}  # the same lengths
+    assert saved["data"]["eval_fraction"] == 0.2
+    again = RUNNER.invoke(app, ["eval", str(copy), "--quick", "--no-passkey"])
+    assert again.exit_code == 2 and "--overwrite" in again.output  # an evaluation is not silently replaced
+    assert run.read_outputs(copy)[-1]["kind"] == "eval"
