@@ -59,6 +59,7 @@ class LoraSection(_Section):
     dropout: Fraction = 0.0
     target_modules: Literal["all-linear"] | list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     trainable: list[Literal["embed", "norm"]] = []
+    embed_lr: PosFloat | None = None  # learning rate of the trained embeddings (trainable: [embed]); None: train.lr
 
 
 class DataSection(_Section):

@@ -595,8 +595,20 @@ def build(p: Prepared, console: Console, on: torch.device, dtype: torch.dtype) -
         step_model = distributed.data_parallel(step_model, on)
     params = list(trainable(net).values())  # after sharding: FSDP replaces them with sharded ones
     console.print(f"trainable parameters: {sum(x.numel() for x in params):,}")
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(net, p.recipe), lr=t.lr, betas=tuple(t.betas),
+                                  weight_decay=t.weight_decay)
     return Trainee(net, step_model, params, optimizer, scheduler(optimizer, t))
+
+
+def param_groups(net, recipe: Recipe) -> list[dict]:
+    """AdamW's groups: everything at train.lr, the trained embeddings at lora.embed_lr when set (the
+    schedule scales every group alike)."""
+    weights = trainable(net)
+    if recipe.lora.embed_lr is None or "embed" not in recipe.lora.trainable:
+        return [{"params": list(weights.values())}]
+    embed = {n for n in weights if "embed_tokens" in n}
+    return [{"params": [w for n, w in weights.items() if n not in embed]},
+            {"params": [weights[n] for n in sorted(embed)], "lr": recipe.lora.embed_lr}]
 
 
 @torch.no_grad()

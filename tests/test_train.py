@@ -277,3 +277,19 @@ def test_tiled_mlp_run_has_the_same_losses(reference_run, tiny_base, corpus, tmp
     result = invoke(args(tiny_base, corpus, out, "--set", "train.mlp_tile=64"))
     assert result.exit_code == 0, result.output
     assert losses(out) == pytest.approx(losses(reference_run), rel=1e-5)
+
+
+def test_embed_lr_sets_the_learning_rate_of_the_trained_embeddings(tiny_base, corpus, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).model.embed_tokens.weight.detach()
+    moved = {}
+    for name, extra in (("same", []), ("frozen-ish", ["--set", "lora.embed_lr=1e-12"])):
+        out = tmp_path / name
+        result = invoke(args(tiny_base, corpus, out, "--steps", "2", *extra))
+        assert result.exit_code == 0, result.output
+        weights = load_file(out / run.ADAPTER / "adapter_model.safetensors")
+        embed = next(v for k, v in weights.items() if "embed_tokens" in k)
+        moved[name] = (embed - base).abs().max().item()
+    assert moved["same"] > 1e-3 and moved["frozen-ish"] < 1e-6, moved
