@@ -426,7 +426,7 @@ def perplexity_part(subject: Subject, s: Settings, lengths: list[int], section, 
     tokens = eval_tokens(section, subject.tokenizer, end)
     nll = window_nll(subject.net, tokens)
     scored = perplexities(nll, lengths, s.stride, first, end, progress)
-    bins = max(1, longest // 2048) if longest >= 4096 else 4
+    bins = max(1, longest // 2048) if longest >= 4096 else min(4, longest)  # a bin is at least one position
     width = longest // bins
     return {
         "perplexity": {str(n): r.perplexity for n, r in scored.items()},

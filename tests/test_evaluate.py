@@ -347,3 +347,11 @@ def test_smollm2_extrapolation_breaks_at_16k_and_pi_x2_holds(smollm2_folder, new
     assert plain["min_context"] == {"8192": 6144, "16384": 14336}
     assert plain["perplexity"]["16384"] > 3 * plain["perplexity"]["8192"], plain["perplexity"]
     assert pi["perplexity"]["16384"] < 1.2 * pi["perplexity"]["8192"], pi["perplexity"]
+
+
+def test_lengths_shorter_than_four_positions_still_bin(tiny_base, corpus, tmp_path):
+    result = RUNNER.invoke(app, ["eval", str(tiny_base), "--lengths", "2,3", "--no-passkey", "--data", str(corpus),
+                                 "--output", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "e" / "results.json").read_text())["results"][str(tiny_base)]
+    assert len(saved["by_position"]) == 3 and set(saved["perplexity"]) == {"2", "3"}
