@@ -154,7 +154,7 @@ def test_tokenizer_check_catches_special_tokens_written_as_normal(bpe_run, tmp_p
     """What the gguf package's reader writes (special tokens inside the vocabulary as normal) fails the check."""
     monkeypatch.setattr(vocab, "added_types", lambda folder: {})
     with pytest.raises(PiLoraError, match="tokenizer check failed"):
-        export.export_gguf(bpe_run, tmp_path / "bad.gguf", "f32", tokenizer_pre="gpt-2")
+        export.export_gguf(bpe_run, tmp_path / "bad.gguf", "fp32", tokenizer_pre="gpt-2")
     assert not list(tmp_path.iterdir())
 
 
@@ -288,7 +288,7 @@ def test_sentencepiece_export_tokenizes_and_scores_like_transformers_in_llamacpp
     from pi_lora.demo import TEXT
 
     out = tmp_path / "spm.gguf"
-    export.export_gguf(spm_run, out, "f32")
+    export.export_gguf(spm_run, out, "fp32")
     assert run.read_meta(spm_run)["original_len"] == 64  # 256 is past it
     reference = AutoTokenizer.from_pretrained(spm_base)
     check_in_llamacpp(llama_bin, out, reference, TEXT, 256, tmp_path, text=vocab.VERIFY_TEXT)
@@ -306,7 +306,7 @@ def test_bpe_export_with_special_tokens_tokenizes_like_transformers_in_llamacpp(
     from pi_lora.demo import TEXT
 
     out = tmp_path / "bpe.gguf"
-    export.export_gguf(bpe_run, out, "f32", tokenizer_pre="gpt-2")
+    export.export_gguf(bpe_run, out, "fp32", tokenizer_pre="gpt-2")
     check_in_llamacpp(llama_bin, out, AutoTokenizer.from_pretrained(bpe_base), TEXT, 256, tmp_path)
 
 
@@ -332,7 +332,7 @@ def test_smollm2_gguf_base_export_tokenizes_and_scores_like_the_base_in_llamacpp
     assert result.exit_code == 0, result.output
     out = tmp_path / "smol.gguf"
     # the export's logits check would run two fp32 forwards past 8192 tokens; perplexity below is stronger
-    assert export.export_gguf(run_dir, out, "f32", check=False).pre == "smollm"
+    assert export.export_gguf(run_dir, out, "fp32", check=False).pre == "smollm"
     assert fields(out)["tokenizer.ggml.token_type"][:17] == [3] * 17
     reference = AutoTokenizer.from_pretrained(smollm2_folder)
     assert vocab.tokenization_error(reference, out) == (None, True)  # the export's own tokenizer check

@@ -201,7 +201,7 @@ def test_gguf_export_without_permutation_would_fail(trained, tmp_path, monkeypat
 
     monkeypatch.setattr(export, "permute_qk", lambda w, n: w)
     with pytest.raises(PiLoraError, match="round trip failed"):
-        export.export_gguf(trained, tmp_path / "bad.gguf", "f32", tokenizer_pre="gpt-2")
+        export.export_gguf(trained, tmp_path / "bad.gguf", "fp32", tokenizer_pre="gpt-2")
     assert not (tmp_path / "bad.gguf").exists()
 
 
