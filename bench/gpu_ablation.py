@@ -237,7 +237,7 @@ def adapter_ready(folder: Path) -> bool:
 def eval_args(plan: Plan, data: Path, output: Path) -> list:
     return ["--lengths", plan.lengths, "--stride", plan.stride, "--windows", plan.windows, "--data", data,
             "--passkey-lengths", plan.passkey_length, "--distances", plan.distances, "--trials", plan.trials,
-            "--output", output]
+            "--output", output, "--overwrite"]
 
 
 def train_row(row: Row, base: Path, ot: Path, nt: Path, plan: Plan, steps: int, work: Path, env: dict,
@@ -262,7 +262,7 @@ def train_row(row: Row, base: Path, ot: Path, nt: Path, plan: Plan, steps: int, 
         return record
     say(f"{row.name}: {record['steps']} steps, {record['tokens']:,} tokens in {trained:.0f}s; evaluating")
     start = time.monotonic()
-    rc = run_logged(pi_lora("eval", folder, *eval_args(plan, nt, work / "eval" / row.name)), env,
+    rc = run_logged(pi_lora("eval", folder, "--no-baselines", *eval_args(plan, nt, work / "eval" / row.name)), env,
                     logs / f"eval-{row.name}.log", deadline)
     record.update(eval_rc=rc, eval_s=round(time.monotonic() - start, 1), **results_of(work / "eval" / row.name))
     return record
