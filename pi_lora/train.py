@@ -723,7 +723,7 @@ def one_step(p: Prepared, trainee: Trainee, batches, state: RunState, step: int,
     """One optimizer step: the accumulated forward/backward, clipping, the update; its metrics record."""
     t, world = p.recipe.train, distributed.current()
     began = time.perf_counter()
-    trainee.optimizer.zero_grad(set_to_none=True)
+    distributed.zero_grad(trainee.model, trainee.optimizer)
     value = distributed.mean(step_loss(trainee.model, batches, t, on, dtype), world)
     if not math.isfinite(value):
         raise PiLoraError(f"loss became {value} at step {step}; lower train.lr or check the data.")
