@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import recipe as recipes_mod
-from .errors import PiLoraError, first_line
+from .errors import OutOfMemory, PiLoraError, first_line
 
 app = typer.Typer(
     help="Extend a RoPE model's context window by Position Interpolation, training LoRA on a 4-bit base.",
@@ -46,25 +46,37 @@ FLAG_KEYS = {
 
 
 def handled(command):
-    """Known errors become a message and their exit code; nothing else is swallowed."""
+    """Known errors become a message and their exit code; nothing else is swallowed. Under torchrun
+    every rank meets the same error: rank 0 says it, once."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except PiLoraError as e:
-            from .distributed import current
-
-            if current().main:  # under torchrun every rank meets the same bad input: say it once
-                err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            say(f"[bold red]error:[/] {e}")
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # a full disk, a folder that cannot be written: one line, not a traceback
             where = f": '{e.filename}'" if e.filename else ""
-            err_console.print(f"[bold red]error:[/] {e.strerror or first_line(e)}{where}", highlight=False,
-                              soft_wrap=True)
+            say(f"[bold red]error:[/] {e.strerror or first_line(e)}{where}")
             raise typer.Exit(2) from None
+        except RuntimeError as e:  # out of memory outside training (eval, merge, export): exit 3, not a crash
+            import torch
+
+            if not isinstance(e, torch.OutOfMemoryError):
+                raise
+            say(f"[bold red]error:[/] out of memory ({first_line(e)}); eval uses less with shorter --lengths.")
+            raise typer.Exit(OutOfMemory.exit_code) from None
 
     return wrapper
+
+
+def say(message: str) -> None:
+    """An error line on stderr, from rank 0 only."""
+    from .distributed import current
+
+    if current().main:
+        err_console.print(message, highlight=False, soft_wrap=True)
 
 
 def print_overrides(overrides: dict) -> None:

@@ -320,6 +320,17 @@ def test_eval_output_is_refused_or_replaced_before_anything_is_measured(tiny_bas
     assert (held / "config.json").is_file()
 
 
+def test_out_of_memory_outside_training_is_exit_3_in_one_line(tiny_base, corpus, tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ev, "evaluate", full)
+    result = RUNNER.invoke(app, ["eval", str(tiny_base), "--data", str(corpus), "--output", str(tmp_path / "e")])
+    assert result.exit_code == 3, result.output
+    assert "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
 def test_eval_bad_input(tiny_base, corpus, tmp_path):
     too_long = RUNNER.invoke(app, ["eval", str(tiny_base), "--lengths", "100000", "--data", str(corpus),
                                    "--output", str(tmp_path / "e")])
