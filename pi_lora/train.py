@@ -439,8 +439,9 @@ def autocast(on: torch.device, dtype: torch.dtype):
 
 def step_loss(model, batches, t, on: torch.device, dtype: torch.dtype, offload: bool = False) -> float:
     """One optimizer step's worth of forward/backward; returns the mean loss. `model` is the
-    trainee's loss module (a plain causal LM is wrapped in one). Under DDP the gradients are
-    averaged across processes once, in the last micro-batch's backward."""
+    trainee's loss module; a plain causal LM (as bench/point.py passes the model build_model made)
+    is wrapped in one, with `offload`. Under DDP the gradients are averaged across processes once,
+    in the last micro-batch's backward."""
     if not isinstance(model, (loss.ChunkedLoss, torch.nn.parallel.DistributedDataParallel)):
         model = loss.ChunkedLoss(model, t.loss_chunk, offload)  # FSDP2 keeps the class (a subclass)
     total = 0.0
