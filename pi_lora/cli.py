@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import recipe as recipes_mod
-from .errors import PiLoraError, first_line
+from .errors import OutOfMemory, PiLoraError, first_line
 
 app = typer.Typer(
     help="Extend a RoPE model's context window by Position Interpolation, training LoRA on a 4-bit base.",
@@ -46,25 +46,37 @@ FLAG_KEYS = {
 
 
 def handled(command):
-    """Known errors become a message and their exit code; nothing else is swallowed."""
+    """Known errors become a message and their exit code; nothing else is swallowed. Under torchrun
+    every rank meets the same error: rank 0 says it, once."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except PiLoraError as e:
-            from .distributed import current
-
-            if current().main:  # under torchrun every rank meets the same bad input: say it once
-                err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            say(f"[bold red]error:[/] {e}")
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # a full disk, a folder that cannot be written: one line, not a traceback
             where = f": '{e.filename}'" if e.filename else ""
-            err_console.print(f"[bold red]error:[/] {e.strerror or first_line(e)}{where}", highlight=False,
-                              soft_wrap=True)
+            say(f"[bold red]error:[/] {e.strerror or first_line(e)}{where}")
             raise typer.Exit(2) from None
+        except RuntimeError as e:  # out of memory outside training (eval, merge, export): exit 3, not a crash
+            import torch
+
+            if not isinstance(e, torch.OutOfMemoryError):
+                raise
+            say(f"[bold red]error:[/] out of memory ({first_line(e)}); eval uses less with shorter --lengths.")
+            raise typer.Exit(OutOfMemory.exit_code) from None
 
     return wrapper
+
+
+def say(message: str) -> None:
+    """An error line on stderr, from rank 0 only."""
+    from .distributed import current
+
+    if current().main:
+        err_console.print(message, highlight=False, soft_wrap=True)
 
 
 def print_overrides(overrides: dict) -> None:
@@ -197,6 +209,15 @@ def train(
             distributed.stop()
 
 
+def show_verification(what: str, checked) -> None:
+    """One line: what a merge or export verified of its output (merge.Verification), or why it did not."""
+    if checked.status == "checked":
+        difference = f" (max relative difference {checked.error:.1e})" if checked.error is not None else ""
+        console.print(f"verified: {checked.detail}{difference}", highlight=False)
+    else:
+        console.print(f"[yellow]{what} not verified[/]: {checked.detail}", highlight=False)
+
+
 @app.command()
 @handled
 def merge(
@@ -219,15 +240,10 @@ def merge(
         raise PiLoraError("--file-gib must be positive.")
     output = output or run_dir / run.MERGED
     with train_mod.progress_bar(console) as bar:
-        err = merge_mod.merge(run_dir, output, base, dtype, merge_base, verify, overwrite, file_gib, bar,
-                              trust_remote_code)
+        checked = merge_mod.merge(run_dir, output, base, dtype, merge_base, verify, overwrite, file_gib, bar,
+                                  trust_remote_code)
     run.record_output(run_dir, output, "merged")
-    if err is None:
-        console.print("verification skipped (--no-verify)")
-    elif err != err:
-        console.print("[yellow]verification skipped[/]: two fp32 copies of this model do not fit in memory here")
-    else:
-        console.print(f"verified: merged logits match base + adapter (max relative difference {err:.1e})")
+    show_verification("logits", checked)
     console.print(f"[green]merged[/] into {output}")
 
 
@@ -257,13 +273,8 @@ def export(
     with train_mod.progress_bar(console) as bar:
         checked = export_mod.export_gguf(run_dir, out, dtype, overwrite, verify, bar, tokenizer_pre, trust_remote_code)
     run.record_output(run_dir, out, "gguf")
-    if checked.tokens:
-        console.print(f"verified: transformers reads the GGUF's tokenizer (pre-tokenizer '{checked.pre}') "
-                      f"with {checked.tokens} tokenization of a check text")
-    if checked.logits is not None and checked.logits == checked.logits:
-        console.print(f"verified: transformers reads the GGUF back with logits within {checked.logits:.1e} (relative)")
-    elif checked.logits is not None:
-        console.print("[yellow]round trip skipped[/]: two fp32 copies of this model do not fit in memory here")
+    show_verification("tokenizer", checked.tokens)
+    show_verification("logits", checked.logits)
     console.print(f"[green]exported[/] {dtype} GGUF to {out}")
 
 
@@ -272,8 +283,8 @@ def export(
 def eval_(
     models_: list[str] = typer.Argument(..., metavar="MODEL...", help="Run folders, merged or plain model folders, hub ids/aliases, or .gguf files."),
     lengths: Optional[str] = typer.Option(None, help="Comma-separated context lengths L \\[default: powers of two from the base's trained length (at most 2048) up to the model's length]."),
-    stride: int = typer.Option(256, help="Sliding-window stride S (the paper's 256): every scored token has at least L - S tokens of context."),
-    windows: Optional[int] = typer.Option(None, help="Strides scored: stride x windows tokens, the same at every length \\[default: 8, quick 2]."),
+    stride: int = typer.Option(256, min=1, help="Sliding-window stride S (the paper's 256): every scored token has at least L - S tokens of context."),
+    windows: Optional[int] = typer.Option(None, min=1, help="Strides scored: stride x windows tokens, the same at every length \\[default: 8, quick 2]."),
     source: Optional[str] = typer.Option(None, "--source", "--data", help="Evaluation data: a hub dataset id or a local file/folder \\[default: a run's held-out data (data.eval_fraction, data.eval_source), else its training data; other models: emozilla/pg19]."),
     split: str = typer.Option("test", help="Split of a hub dataset given with --source."),
     text_field: str = typer.Option("text", help="Field holding the text."),
@@ -283,54 +294,32 @@ def eval_(
     perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help="Measure perplexity with L tokens of context."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Measure passkey retrieval."),
     passkey_lengths: Optional[str] = typer.Option(None, help="Comma-separated passkey prompt lengths \\[default: the longest length]."),
-    trials: Optional[int] = typer.Option(None, help="Passkey trials (random 5-digit keys) per distance \\[default: 10, quick 2]."),
-    distances: Optional[int] = typer.Option(None, "--distances", "--depths", help="Passkey distances from the question, evenly spaced out to the prompt length \\[default: 32, quick 8]."),
+    trials: Optional[int] = typer.Option(None, min=1, help="Passkey trials (random 5-digit keys) per distance \\[default: 10, quick 2]."),
+    distances: Optional[int] = typer.Option(None, "--distances", "--depths", min=1, help="Passkey distances from the question, evenly spaced out to the prompt length \\[default: 32, quick 8]."),
     quick: bool = typer.Option(False, "--quick", help="A short run: fewer windows, trials and distances (explicit options win)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the base's own model code (needed again for a run trained with it)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for results.json and plot.png \\[default: RUN/eval for one run, else eval/<first model's name>]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ):
     """Perplexity with L tokens of context and passkey retrieval by distance, for models side by side."""
-    import contextlib
-    import shutil
-
     from . import evaluate as ev
-    from . import run
     from . import train as train_mod
 
     parsed = ev.parse_lengths(lengths, "--lengths")
     keys_at = ev.parse_lengths(passkey_lengths, "--passkey-lengths")
-    windows = windows if windows is not None else (2 if quick else 8)
-    trials = trials if trials is not None else (2 if quick else 10)
-    distances = distances if distances is not None else (8 if quick else 32)
-    if any(n < 2 for n in (parsed or []) + (keys_at or [])) or min(stride, windows, trials, distances) < 1:
-        raise PiLoraError("lengths must be at least 2, and --stride, --windows, --trials and --distances at least 1.")
     if not (perplexity or passkey):
         raise PiLoraError("--no-perplexity and --no-passkey leave nothing to measure.")
     ev.parse_ropes(scaling)  # a bad setting fails before any model loads
-    runs = [Path(m) for m in models_ if ev.is_run(Path(m))]
-    output = output or ev.default_output(models_)
-    run.check_writable(output)
-    if output.exists() and not output.is_dir():
-        raise PiLoraError(f"--output '{output}' is a file; give a folder.")
+    settings = ev.Settings(lengths=parsed, stride=stride, windows=windows if windows is not None else (2 if quick else 8),
+                           trials=trials if trials is not None else (2 if quick else 10),
+                           distances=distances if distances is not None else (8 if quick else 32),
+                           passkey=passkey, perplexity=perplexity, passkey_lengths=keys_at, rope=scaling, quant=quant,
+                           baselines=baselines, trust_remote_code=trust_remote_code)
     section, note = ev.data_section(models_, source, split, text_field)
     if note:
         console.print(f"[yellow]note[/]: {note}")
-    settings = ev.Settings(lengths=parsed, stride=stride, windows=windows, trials=trials, distances=distances,
-                           passkey=passkey, perplexity=perplexity, passkey_lengths=keys_at, rope=scaling, quant=quant,
-                           baselines=baselines, trust_remote_code=trust_remote_code)
-    with contextlib.ExitStack() as held:
-        held.enter_context(run.writing(output))
-        for folder in runs:  # no `train --resume` changes a run while it is measured
-            held.enter_context(run.reading(folder))
-        if output.exists() and any(output.iterdir()):
-            if not overwrite:
-                raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
-            shutil.rmtree(output)
-        with train_mod.progress_bar(console) as bar:
-            results = ev.evaluate(models_, settings, section, output, bar)
-    for folder in runs:
-        run.record_output(folder, output, "eval")
+    with train_mod.progress_bar(console) as bar:
+        results, output = ev.evaluate(models_, settings, section, output, overwrite, bar)
     console.print(ev.tables(results))
     console.print(f"[green]results[/] in {output / 'results.json'}, plot in {output / 'plot.png'}")
 

@@ -79,6 +79,14 @@ def data_parallel(module: torch.nn.Module, on: torch.device) -> torch.nn.Module:
     )
 
 
+def zero_grad(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Clear the gradients for the next step. Under DDP they are views into its buckets (after the
+    first step) and are zeroed in place, so they stay views: set to None, the next backward would
+    allocate them anew beside the buckets, the whole trainable gradient twice while micro-batches
+    accumulate under no_sync. Elsewhere they are set to None (nothing holds them between steps)."""
+    optimizer.zero_grad(set_to_none=not isinstance(model, torch.nn.parallel.DistributedDataParallel))
+
+
 def gather(value, world: World) -> list:
     """Every rank's `value` (a picklable object), in rank order."""
     if world.size == 1:

@@ -16,11 +16,13 @@ The LM head and the loss run in chunks of positions, so no (length x vocab) floa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import random
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,11 +70,15 @@ def parse_rope(text: str) -> Rope:
 
 
 def parse_lengths(text: str | None, flag: str) -> list[int] | None:
-    """`2048,8192` -> [2048, 8192]; None stays None (the default)."""
+    """`2048,8192` -> [2048, 8192]; None stays None (the default). A length is at least 2 (one
+    prediction)."""
     try:
-        return [int(x) for x in text.split(",")] if text else None
+        lengths = [int(x) for x in text.split(",")] if text else None
     except ValueError:
         raise PiLoraError(f"{flag} must be comma-separated integers, not '{text}'.") from None
+    if lengths and min(lengths) < 2:
+        raise PiLoraError(f"{flag}: every length must be at least 2, not {min(lengths)}.")
+    return lengths
 
 
 def parse_ropes(text: str | None) -> list[Rope | None]:
@@ -512,8 +518,46 @@ def save_json(path: Path, data: dict) -> None:
     run.write_json(path, json.loads(json.dumps(data, default=str)))
 
 
-def evaluate(specs: list[str], s: Settings, section, output: Path, progress=None) -> dict:
-    """Every model in `specs` under every rope setting, side by side; writes results.json and plot.png."""
+def evaluate(specs: list[str], s: Settings, section, output: Path | None = None, overwrite: bool = False,
+             progress=None) -> tuple[dict, Path]:
+    """Every model in `specs` under every rope setting, side by side, into `output` (default:
+    default_output): results.json and plot.png. Returns the results and the output folder, which
+    each run evaluated records (outputs.json)."""
+    output = output or default_output(specs)
+    runs = [Path(spec) for spec in specs if is_run(Path(spec))]
+    with writing_output(output, specs, overwrite):
+        results = measure(specs, s, section, output, progress)
+    for folder in runs:
+        run.record_output(folder, output, "eval")
+    return results, output
+
+
+@contextlib.contextmanager
+def writing_output(output: Path, specs: list[str], overwrite: bool):
+    """Be the one writer of `output` while no `train --resume` changes the runs measured. An output
+    that holds anything is refused without `overwrite` and emptied with it, as every command treats
+    its output; one that is (or holds) a model being evaluated is refused either way."""
+    run.check_writable(output)
+    if output.exists() and not output.is_dir():
+        raise PiLoraError(f"--output '{output}' is a file; give a folder.")
+    target = output.resolve()
+    inside = [spec for spec in specs
+              if Path(spec).exists() and (Path(spec).resolve() == target or target in Path(spec).resolve().parents)]
+    if inside:
+        raise PiLoraError(f"--output '{output}' holds '{inside[0]}', which is being evaluated; give another folder.")
+    with contextlib.ExitStack() as held:
+        held.enter_context(run.writing(output))
+        for folder in (Path(spec) for spec in specs if is_run(Path(spec))):
+            held.enter_context(run.reading(folder))
+        if output.exists() and any(output.iterdir()):
+            if not overwrite:
+                raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
+            shutil.rmtree(output)
+        yield
+
+
+def measure(specs: list[str], s: Settings, section, output: Path, progress=None) -> dict:
+    """The measurements, model by model, written to `output` after each one."""
     results = {}
     output.mkdir(parents=True, exist_ok=True)
     s = shared_lengths(specs, s)

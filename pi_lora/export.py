@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import model, rope, run, vocab
 from .errors import PiLoraError, first_line
+from .merge import NOT_ASKED, TOO_LARGE, Verification
 
 FORMATS = ("peft", "gguf")
 # --dtype, named as everywhere else in pi-lora, and the GGUF tensor type each is written as
@@ -271,11 +272,11 @@ def gguf_rope(path: Path, config=None, pi=None) -> dict:
 
 @dataclass
 class GgufCheck:
-    """What the export verified: logits error (None: not checked, nan: too large to hold twice here),
-    the tokenizer check ("identical", or why not fully checked) and the pre-tokenizer written."""
+    """What the export verified of the GGUF read back through transformers (its tokenizer, its
+    logits against the merged model), and the pre-tokenizer it names."""
 
-    logits: float | None
-    tokens: str | None
+    tokens: Verification
+    logits: Verification
     pre: str | None
 
 
@@ -285,13 +286,35 @@ def base_reference(meta: dict) -> Path | None:
     return vocab.reference_gguf(folder) if folder.is_dir() else None
 
 
-def check_tokens(merged: Path, gguf_path: Path) -> str:
+def check_tokens(merged: Path, gguf_path: Path, pre: str | None) -> Verification:
     from transformers import AutoTokenizer
 
     error, known = vocab.tokenization_error(AutoTokenizer.from_pretrained(merged), gguf_path)
     if error:
         raise PiLoraError(f"GGUF tokenizer check failed: transformers reads the GGUF's tokenizer differently, {error}.")
-    return "identical" if known else "identical vocabulary and special tokens (this pre-tokenizer is llama.cpp's own)"
+    found = "identical" if known else "identical vocabulary and special tokens (this pre-tokenizer is llama.cpp's own)"
+    return Verification("checked", f"transformers reads the GGUF's tokenizer (pre-tokenizer '{pre}') with {found} "
+                                   "tokenization of a check text")
+
+
+# what a GGUF of each type may differ from its merged model by (the type's rounding, not slack for bugs)
+GGUF_TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2}
+
+
+def check_logits(merged: Path, gguf_path: Path, meta: dict, outtype: str) -> Verification:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .merge import fits_twice, logits_error
+
+    if not fits_twice(merged):
+        return Verification.skipped(TOO_LARGE)
+    err = logits_error(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(),
+                       read_gguf(gguf_path, rope.from_meta(meta)).eval(), meta)
+    limit = GGUF_TOLERANCE[outtype]
+    if err > limit:
+        raise PiLoraError(f"GGUF round trip failed: logits differ by {err:.2e} (relative), limit {limit}.")
+    return Verification("checked", "transformers reads the GGUF back with the merged model's logits", err)
 
 
 def export_gguf(run_dir: Path, output: Path, dtype: str = "fp16", overwrite: bool = False, check: bool = True,
@@ -312,10 +335,7 @@ def export_gguf(run_dir: Path, output: Path, dtype: str = "fp16", overwrite: boo
 
 
 def _export_gguf(run_dir, output, scratch, meta, outtype, check, progress, tokenizer_pre, trust_remote_code):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .merge import fits_twice, logits_error, merge
+    from .merge import merge
 
     merged = Path(scratch) / "merged"
     merge(run_dir, merged, check=False, progress=progress, trust_remote_code=trust_remote_code)
@@ -324,17 +344,10 @@ def _export_gguf(run_dir, output, scratch, meta, outtype, check, progress, token
         write_gguf(merged, tmp, meta, outtype, progress, tokenizer_pre, base_reference(meta))
         fields = gguf_fields(tmp)
         pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
-        result = GgufCheck(None, None, pre)
         if check:
-            result.tokens = check_tokens(merged, tmp)
-            result.logits = float("nan")
-        if check and fits_twice(merged):
-            result.logits = logits_error(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(),
-                                         read_gguf(tmp, rope.from_meta(meta)).eval(), meta)
-            limit = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2}[outtype]
-            if result.logits > limit:
-                raise PiLoraError(f"GGUF round trip failed: logits differ by {result.logits:.2e} (relative), "
-                                  f"limit {limit}.")
+            result = GgufCheck(check_tokens(merged, tmp, pre), check_logits(merged, tmp, meta, outtype), pre)
+        else:
+            result = GgufCheck(Verification.skipped(NOT_ASKED), Verification.skipped(NOT_ASKED), pre)
         tmp.replace(output)
         return result
     finally:

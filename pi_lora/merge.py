@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +26,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX = "base_model.model."
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
           "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What a merge or export checked of what it wrote: "checked" (with what it found and, for
+    logits, the largest relative difference) or "skipped" (with why)."""
+
+    status: Literal["checked", "skipped"]
+    detail: str = ""  # checked: what matched; skipped: the reason
+    error: float | None = None  # logits checked: max relative difference
+
+    @classmethod
+    def skipped(cls, reason: str) -> Verification:
+        return cls("skipped", reason)
+
+
+NOT_ASKED = "--no-verify was given"
+TOO_LARGE = "two fp32 copies of this model do not fit in memory here"
 
 
 @dataclass
@@ -51,10 +69,10 @@ class Adapter:
 def read_adapter(folder: Path) -> Adapter:
     config = run.verify_adapter(folder)  # a damaged adapter is one readable line, before any work
     weights_path = folder / "adapter_model.safetensors"
-    if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise PiLoraError("adapters with DoRA or per-layer rank/alpha patterns are not supported by merge.")
-    r, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    # pi-lora trains plain LoRA (scale alpha / r); an adapter made otherwise is refused, not mis-scaled
+    if any(config.get(k) for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern")):
+        raise PiLoraError("adapters with DoRA, rsLoRA or per-layer rank/alpha patterns are not supported by merge.")
+    scale = config["lora_alpha"] / config["r"]
     factors: dict[str, list] = {}
     replaced = {}
     with safe_open(weights_path, "pt") as f:
@@ -245,7 +263,7 @@ def reference(source: Path, adapter_dir: Path, meta: dict, into: str):
     section = ModelSection(base=str(source), quant=kind, double_quant=meta.get("double_quant", True),
                            compute_dtype="fp32", trust_remote_code=trust)
     if into == "dequantized":  # quantize from the dtype training loaded the weights in, compute in fp32
-        section.compute_dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(meta.get("compute_dtype"), "fp32")
+        section.compute_dtype = "bf16" if meta.get("compute_dtype") == "bfloat16" else "fp32"
     base = model.load_base(section, config, torch.device("cpu"))
     for layer in quant.linear4bit_layers(base):
         layer.compute_dtype = torch.float32
@@ -278,7 +296,7 @@ def logits_error(want_model, got_model, meta: dict) -> float:
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 
-def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str) -> float:
+def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str) -> Verification:
     """Logits of the merged model against base + adapter, fp32 on CPU, past the original length."""
     from transformers import AutoModelForCausalLM
 
@@ -287,13 +305,14 @@ def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str) ->
     err = logits_error(reference(source, adapter_dir, meta, into), merged_model.float().eval(), meta)
     if err > tolerance:
         raise PiLoraError(f"verification failed: merged logits differ from base + adapter by {err:.2e} (relative).")
-    return err
+    return Verification("checked", "merged logits match base + adapter", err)
 
 
 def merge(run_dir: Path, output: Path, base: str | None = None, dtype: str | None = None,
           into: str = "full", check: bool = True, overwrite: bool = False, file_gib: float = 1.0,
-          progress=None, trust_remote_code: bool = False) -> float | None:
-    """Merge the run's adapter into the base; returns the verification error (None when skipped).
+          progress=None, trust_remote_code: bool = False) -> Verification:
+    """Merge the run's adapter into the base; returns what was verified (`check`: the merged logits
+    against base + adapter, skipped when two fp32 copies do not fit in memory).
     Reads the run while no `train --resume` changes it, and is the one writer of `output`."""
     meta = run.read_meta(run_dir)
     run.require_trust(meta, trust_remote_code, "merge")
@@ -318,7 +337,6 @@ def _merge(run_dir: Path, output: Path, meta: dict, base, dtype, into, check, ov
     if free < need * 1.05:
         raise PiLoraError(f"not enough disk for the merged model: needs about {need / 2**30:.1f} GiB, "
                           f"{free / 2**30:.1f} GiB free at {output.parent}.")
-    err = None
     with run.atomic_dir(output) as tmp:
         weight_map = write_shards(source, tmp, adapter, DTYPES.get(dtype), meta, into,
                                   int(file_gib * 2**30), progress)
@@ -336,8 +354,8 @@ def _merge(run_dir: Path, output: Path, meta: dict, base, dtype, into, check, ov
         recipe_text = recipe_path.read_text() if recipe_path.is_file() else ""
         (tmp / "README.md").write_text(model_card(meta, recipe_text))
         (tmp / run.META).write_text(json.dumps({**meta, "merged_into": into}, indent=2) + "\n")
-        if check and fits_twice(source):
-            err = verify(tmp, source, adapter_dir, meta, into)
-        elif check:
-            err = float("nan")  # too large to hold twice here; the caller says so
-    return err
+        if not check:
+            return Verification.skipped(NOT_ASKED)
+        if not fits_twice(source):
+            return Verification.skipped(TOO_LARGE)
+        return verify(tmp, source, adapter_dir, meta, into)

@@ -146,7 +146,7 @@ def device() -> torch.device:
 def compute_dtype(name: str, on: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if on.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]  # no fp16: see recipe.ModelSection
 
 
 def quantization(section, dtype: torch.dtype) -> BitsAndBytesConfig | None:

@@ -14,7 +14,7 @@ import resource
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,6 @@ class Prepared:
     recipe: Recipe
     config: object  # base config with PI applied
     pi: rope.Interpolation
-    tokenizer: object
     data: object  # data.PackedData | data.StreamedData
     validation: torch.Tensor | None  # held-out sequences of target_len, or None
     folder: Path
@@ -80,7 +79,7 @@ def prepare(recipe: Recipe, progress: Progress | None = None, resume: bool = Fal
     cache = home() / "tokens"
     packed = data.load(recipe.data, tokenizer, pi.target_len, recipe.train.seed, cache, progress)
     held_out = data.validation(recipe.data, tokenizer, pi.target_len, recipe.train.eval_sequences, cache, progress)
-    return Prepared(recipe, config, pi, tokenizer, packed, held_out, Path(recipe.output), decision)
+    return Prepared(recipe, config, pi, packed, held_out, Path(recipe.output), decision)
 
 
 def plan_memory(recipe: Recipe, config, resolved: dict | None = None) -> planner.Decision:
@@ -440,8 +439,9 @@ def autocast(on: torch.device, dtype: torch.dtype):
 
 def step_loss(model, batches, t, on: torch.device, dtype: torch.dtype, offload: bool = False) -> float:
     """One optimizer step's worth of forward/backward; returns the mean loss. `model` is the
-    trainee's loss module (a plain causal LM is wrapped in one). Under DDP the gradients are
-    averaged across processes once, in the last micro-batch's backward."""
+    trainee's loss module; a plain causal LM (as bench/point.py passes the model build_model made)
+    is wrapped in one, with `offload`. Under DDP the gradients are averaged across processes once,
+    in the last micro-batch's backward."""
     if not isinstance(model, (loss.ChunkedLoss, torch.nn.parallel.DistributedDataParallel)):
         model = loss.ChunkedLoss(model, t.loss_chunk, offload)  # FSDP2 keeps the class (a subclass)
     total = 0.0
@@ -634,91 +634,159 @@ def progress_info(record: dict) -> str:
     return info
 
 
-def _loop(p: Prepared, console: Console, checkpoint: Path | None) -> Path:
-    folder, t, m, world = p.folder, p.recipe.train, p.recipe.model, distributed.current()
+@dataclass
+class RunState:
+    """Where a run stands between steps. `done`: the last whole update (weights, optimizer, schedule
+    and RNG moved together); `saved`: the step of the last checkpoint; `updating`: inside an update,
+    when only the last checkpoint is consistent; `rng`: every rank's RNG state after `done`."""
+
+    done: int
+    seen: int  # sequences consumed before this process started
+    best: dict | None  # the best validation so far: {"step", "val_loss"}
+    saved: int
+    rng: list = field(default_factory=list)
+    updating: bool = False
+
+
+def _loop(p: Prepared, console: Console, checkpoint: tuple[Path, dict] | None) -> Path:
+    """Build, restore, train to train.steps, write the adapter; returns the run folder."""
     on = model.device()
-    dtype = model.compute_dtype(m.compute_dtype, on)
-    seed_everything(t.seed)
+    dtype = model.compute_dtype(p.recipe.model.compute_dtype, on)
+    seed_everything(p.recipe.train.seed)
     before = resident_gb()
     trainee = build(p, console, on, dtype)
-    net, step_model, params = trainee.net, trainee.model, trainee.params
-    optimizer, sched = trainee.optimizer, trainee.scheduler
-    if world.size > 1:  # same initial weights on every rank (seeded above); different dropout masks
-        seed_everything(t.seed + world.rank)
-        console.print(f"data parallel: {world.size} processes, {p.per_step} sequences per step in all")
-    start, seen, best = 0, 0, None
-    if checkpoint is not None:
-        start, seen, best = restore(*checkpoint, net, optimizer, sched)
-        console.print(f"resumed from {checkpoint[0].name} ({seen} sequences seen)")
-        checkpoint = None  # its tensors are in the model now
-    tracker = None
-    if world.main:
-        run.truncate_metrics(folder, start)
-        from .tracking import Tracker
+    state = restored(p, console, trainee, checkpoint)
+    tracker = open_tracker(p, state.done)
+    try:
+        run_steps(p, console, trainee, state, tracker, on, dtype, before)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    finish(p, trainee.net, console)
+    return p.folder
 
-        tracker = Tracker(folder, t.report_to, start, p.recipe.model_dump(mode="json"))
-    net.train()
-    batches = distributed.share(p.data.batches(seen, t.batch_size), world)
-    rng, saved, done, updating = distributed.gather(rng_state(), world), start, start, False
-    tokens_per_step = p.per_step * p.pi.target_len
-    recorded = p.recipe.model_dump(mode="json")
+
+def restored(p: Prepared, console: Console, trainee: Trainee, checkpoint: tuple[Path, dict] | None) -> RunState:
+    """Each rank's own dropout stream, then, resuming, the checkpoint's weights, optimizer, schedule
+    and RNG (which replace it)."""
+    world = distributed.current()
+    if world.size > 1:  # same initial weights on every rank (seeded before the build); different dropout masks
+        seed_everything(p.recipe.train.seed + world.rank)
+        console.print(f"data parallel: {world.size} processes, {p.per_step} sequences per step in all")
+    if checkpoint is None:
+        return RunState(done=0, seen=0, best=None, saved=0)
+    done, seen, best = restore(*checkpoint, trainee.net, trainee.optimizer, trainee.scheduler)
+    console.print(f"resumed from {checkpoint[0].name} ({seen} sequences seen)")
+    return RunState(done=done, seen=seen, best=best, saved=done)
+
+
+def open_tracker(p: Prepared, start: int):
+    """Rank 0's metrics from `start` on: metrics.jsonl cut back to it, and the trackers (None elsewhere)."""
+    if not distributed.current().main:
+        return None
+    run.truncate_metrics(p.folder, start)
+    from .tracking import Tracker
+
+    return Tracker(p.folder, p.recipe.train.report_to, start, p.recipe.model_dump(mode="json"))
+
+
+def run_steps(p: Prepared, console: Console, trainee: Trainee, state: RunState, tracker, on: torch.device,
+              dtype: torch.dtype, before_gib: float) -> None:
+    """Steps `state.done + 1` to train.steps, each logged, validated and saved as the recipe says;
+    Ctrl-C or SIGTERM saves the last whole step (save_interrupted) and raises Interrupted."""
+    t, world = p.recipe.train, distributed.current()
+    trainee.net.train()
+    batches = distributed.share(p.data.batches(state.seen, t.batch_size), world)
+    state.rng = distributed.gather(rng_state(), world)
+    first = state.done + 1
     with progress_bar(console) as bar, sigterm_as_interrupt():
-        task = bar.add_task("train", total=t.steps, completed=start, info="")
+        task = bar.add_task("train", total=t.steps, completed=state.done, info="")
         try:
-            for step in range(start + 1, t.steps + 1):
-                began = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                value = distributed.mean(step_loss(step_model, batches, t, on, dtype), world)
-                if not math.isfinite(value):
-                    raise PiLoraError(f"loss became {value} at step {step}; lower train.lr or check the data.")
-                norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-                lr = sched.get_last_lr()[0]
-                updating = True  # weights, optimizer, scheduler and RNG move together
-                optimizer.step()
-                sched.step()
-                rng, done, updating = distributed.gather(rng_state(), world), step, False
-                seconds = time.perf_counter() - began
-                record = {
-                    "step": step, "loss": value, "lr": lr, "grad_norm": float(norm),
-                    "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
-                    "mem_gib": round(memory_gib(on), 3), "seconds": seconds,
-                }
+            for step in range(first, t.steps + 1):
+                record = one_step(p, trainee, batches, state, step, on, dtype)
                 save = step % t.save_every == 0 or step == t.steps
-                if p.validation is not None and (step == t.steps or (t.eval_every and step % t.eval_every == 0)):
-                    record["val_loss"] = validate(step_model, p.validation, on, dtype)
-                    record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
-                    if best is None or record["val_loss"] < best["val_loss"]:
-                        best, save = {"step": step, "val_loss": record["val_loss"]}, True  # keep the best
-                if world.main and (step % t.log_every == 0 or step == t.steps or "val_loss" in record):
-                    run.append_metrics(folder, record)
-                    tracker.log(record)
-                    bar.update(task, info=progress_info(record))
-                    if not console.is_terminal:
-                        console.print(f"step {step}/{t.steps}  {progress_info(record)}")
-                bar.update(task, completed=step)
-                if step == start + 1:
-                    console.print(compare_memory(p, on, before))
+                if validation_due(p, step):
+                    save = validate_into(record, p, trainee, state, on, dtype) or save  # a new best is kept
+                log(p, console, tracker, bar, task, record)
+                if step == first:
+                    console.print(compare_memory(p, on, before_gib))
                 if save:
-                    save_checkpoint(folder, step, step * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints, best,
-                                    recorded)
-                    saved = step
+                    save_state(p, trainee, state, step)
         except KeyboardInterrupt:
-            if updating:  # cut inside an update: only the last saved checkpoint is consistent
-                done = saved
-            # sharded: saving gathers across ranks, which a signal may have caught mid-collective;
-            # the last periodic checkpoint stays
-            if done > saved and not m.shard:
-                save_checkpoint(folder, done, done * p.per_step, net, optimizer, sched, rng, t.keep_checkpoints, best,
-                                recorded)
-            raise Interrupted(f"interrupted. {after_stop(folder)}") from None
+            save_interrupted(p, trainee, state)
+            raise Interrupted(f"interrupted. {after_stop(p.folder)}") from None
         except torch.OutOfMemoryError:
-            raise OutOfMemory(f"{oom_message(p, on)} {after_stop(folder)}") from None
-        finally:
-            if tracker is not None:
-                tracker.close()
-    finish(p, net, console)
-    return folder
+            raise OutOfMemory(f"{oom_message(p, on)} {after_stop(p.folder)}") from None
+
+
+def one_step(p: Prepared, trainee: Trainee, batches, state: RunState, step: int, on: torch.device,
+             dtype: torch.dtype) -> dict:
+    """One optimizer step: the accumulated forward/backward, clipping, the update; its metrics record."""
+    t, world = p.recipe.train, distributed.current()
+    began = time.perf_counter()
+    distributed.zero_grad(trainee.model, trainee.optimizer)
+    value = distributed.mean(step_loss(trainee.model, batches, t, on, dtype), world)
+    if not math.isfinite(value):
+        raise PiLoraError(f"loss became {value} at step {step}; lower train.lr or check the data.")
+    norm = torch.nn.utils.clip_grad_norm_(trainee.params, t.max_grad_norm or float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    lr = trainee.scheduler.get_last_lr()[0]
+    state.updating = True  # weights, optimizer, scheduler and RNG move together
+    trainee.optimizer.step()
+    trainee.scheduler.step()
+    state.rng, state.done, state.updating = distributed.gather(rng_state(), world), step, False
+    seconds = time.perf_counter() - began
+    tokens_per_step = p.per_step * p.pi.target_len
+    return {
+        "step": step, "loss": value, "lr": lr, "grad_norm": float(norm),
+        "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,
+        "mem_gib": round(memory_gib(on), 3), "seconds": seconds,
+    }
+
+
+def validation_due(p: Prepared, step: int) -> bool:
+    t = p.recipe.train
+    return p.validation is not None and (step == t.steps or bool(t.eval_every and step % t.eval_every == 0))
+
+
+def validate_into(record: dict, p: Prepared, trainee: Trainee, state: RunState, on: torch.device,
+                  dtype: torch.dtype) -> bool:
+    """The held-out loss and perplexity into `record`; whether it is a new best (then `state.best`)."""
+    record["val_loss"] = validate(trainee.model, p.validation, on, dtype)
+    record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+    if state.best is not None and record["val_loss"] >= state.best["val_loss"]:
+        return False
+    state.best = {"step": record["step"], "val_loss": record["val_loss"]}
+    return True
+
+
+def log(p: Prepared, console: Console, tracker, bar: Progress, task, record: dict) -> None:
+    """Rank 0 writes the record (metrics.jsonl, trackers, progress line) every train.log_every steps,
+    at the end and with each validation; every rank moves its bar."""
+    t, step = p.recipe.train, record["step"]
+    if distributed.current().main and (step % t.log_every == 0 or step == t.steps or "val_loss" in record):
+        run.append_metrics(p.folder, record)
+        tracker.log(record)
+        bar.update(task, info=progress_info(record))
+        if not console.is_terminal:
+            console.print(f"step {step}/{t.steps}  {progress_info(record)}")
+    bar.update(task, completed=step)
+
+
+def save_state(p: Prepared, trainee: Trainee, state: RunState, step: int) -> None:
+    """A checkpoint of `step` (which must be `state.done`)."""
+    t = p.recipe.train
+    save_checkpoint(p.folder, step, step * p.per_step, trainee.net, trainee.optimizer, trainee.scheduler, state.rng,
+                    t.keep_checkpoints, state.best, p.recipe.model_dump(mode="json"))
+    state.saved = step
+
+
+def save_interrupted(p: Prepared, trainee: Trainee, state: RunState) -> None:
+    """On Ctrl-C or SIGTERM, a checkpoint of the last whole step unless one holds it already. Cut inside
+    an update, only the last checkpoint is consistent. Sharded, saving gathers across ranks, which the
+    signal may have caught mid-collective: the last periodic checkpoint stays."""
+    if not state.updating and state.done > state.saved and not p.recipe.model.shard:
+        save_state(p, trainee, state, state.done)
 
 
 def finish(p: Prepared, net, console: Console) -> None:

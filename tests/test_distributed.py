@@ -151,3 +151,57 @@ def test_sharded_resume_continues_exactly(sharded, tiny_base, corpus, tmp_path):
 def test_shard_needs_several_processes(tiny_base, corpus, tmp_path):
     result = launch(1, train_argv(tiny_base, corpus, tmp_path / "one", "--steps", "1", "--shard"))
     assert result.returncode == 2 and "torchrun" in result.stderr and not (tmp_path / "one").exists()
+
+
+ZERO_GRAD_PROBE = '''
+import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from pi_lora import distributed
+
+def work(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    finals = []
+    for keep in (True, False):  # distributed.zero_grad (in place), and gradients set to None each step
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 1))
+        ddp = torch.nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True, init_sync=False)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        where = set()
+        gen = torch.Generator().manual_seed(rank)
+        for step in range(4):
+            distributed.zero_grad(ddp, opt) if keep else opt.zero_grad(set_to_none=True)
+            with ddp.no_sync():
+                ddp(torch.randn(4, 64, generator=gen)).sum().backward()
+            if step:
+                where.add(net[0].weight.grad.data_ptr())
+            ddp(torch.randn(4, 64, generator=gen)).sum().backward()
+            if step:
+                where.add(net[0].weight.grad.data_ptr())
+            opt.step()
+        finals.append([p.detach().clone() for p in net.parameters()])
+        if keep and rank == 0:
+            print("bucket views kept:", len(where) == 1)
+    if rank == 0:
+        print("same weights:", all(torch.equal(a, b) for a, b in zip(*finals)))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(int(sys.argv[1]),), nprocs=2)
+'''
+
+
+def test_data_parallel_gradients_stay_bucket_views(tmp_path):
+    """distributed.zero_grad keeps DDP's gradients the views into its buckets through accumulation
+    (no second copy of them), with the same weights as gradients set to None every step."""
+    import socket
+
+    script = tmp_path / "probe.py"
+    script.write_text(ZERO_GRAD_PROBE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bucket views kept: True" in result.stdout and "same weights: True" in result.stdout, result.stdout

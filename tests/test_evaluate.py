@@ -295,6 +295,42 @@ def test_eval_passkey_alone(tiny_base, corpus, tmp_path):
     assert "passkey retrieval" in result.output and "perplexity with" not in result.output
 
 
+def test_eval_output_is_refused_or_replaced_before_anything_is_measured(tiny_base, tmp_path, monkeypatch):
+    """An output holding anything: refused without --overwrite (kept as it was), emptied with it; a
+    file, or a folder holding a model being evaluated, refused either way. Nothing loads first."""
+    monkeypatch.setattr(ev, "load_subject", lambda *a, **k: pytest.fail("a model was loaded"))
+    section = DataSection(source="demo")
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    with pytest.raises(PiLoraError, match="add --overwrite"):
+        ev.evaluate([str(tiny_base)], ev.Settings(lengths=[32]), section, out)
+    assert (out / "results.json").read_text() == "{}"
+    monkeypatch.setattr(ev, "subjects", lambda specs, s: iter(()))  # measures nothing
+    results, where = ev.evaluate([str(tiny_base)], ev.Settings(lengths=[32]), section, out, overwrite=True)
+    assert where == out and results == {} and out.is_dir() and not list(out.iterdir())  # the old results are gone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PiLoraError, match="is a file"):
+        ev.evaluate([str(tiny_base)], ev.Settings(lengths=[32]), section, tmp_path / "file", overwrite=True)
+    held = tmp_path / "models" / "m"  # only its path is used: nothing loads
+    held.mkdir(parents=True)
+    (held / "config.json").write_text("{}")
+    with pytest.raises(PiLoraError, match="which is being evaluated"):
+        ev.evaluate([str(held)], ev.Settings(lengths=[32]), section, held.parent, overwrite=True)
+    assert (held / "config.json").is_file()
+
+
+def test_out_of_memory_outside_training_is_exit_3_in_one_line(tiny_base, corpus, tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ev, "evaluate", full)
+    result = RUNNER.invoke(app, ["eval", str(tiny_base), "--data", str(corpus), "--output", str(tmp_path / "e")])
+    assert result.exit_code == 3, result.output
+    assert "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
 def test_eval_bad_input(tiny_base, corpus, tmp_path):
     too_long = RUNNER.invoke(app, ["eval", str(tiny_base), "--lengths", "100000", "--data", str(corpus),
                                    "--output", str(tmp_path / "e")])
@@ -303,7 +339,8 @@ def test_eval_bad_input(tiny_base, corpus, tmp_path):
     assert unknown.exit_code == 2 and "does not exist" in unknown.output
     for flag, value, says in (("--lengths", "a,b", "--lengths must be"), ("--scaling", "cubic:2", "--scaling takes"),
                               ("--quant", "q3", "'q3' is not one of"), ("--passkey-lengths", "1", "at least 2"),
-                              ("--no-passkey", "--no-perplexity", "nothing to measure")):
+                              ("--no-passkey", "--no-perplexity", "nothing to measure"),
+                              *((option, "0", "greater than or equal to 1") for option in ("--windows", "--stride", "--trials"))):
         bad = RUNNER.invoke(app, ["eval", str(tiny_base), flag, value, "--data", str(corpus)])
         assert bad.exit_code == 2 and says in bad.output, bad.output
 

@@ -42,7 +42,7 @@ def test_merge_equals_peft_merge_and_unload(trained, tiny_base, tmp_path):
     out = tmp_path / "merged"
     result = RUNNER.invoke(app, ["merge", str(trained), "--output", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "verified" in result.output
+    assert "verified: merged logits match base + adapter (max relative difference" in result.output
     want = peft_reference(tiny_base, trained).merge_and_unload().state_dict()
     got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     assert set(got) == set(want)
@@ -73,11 +73,35 @@ def test_merged_folder_reloads_with_rope_and_matches_beyond_original_length(trai
 
 def test_merge_into_dequantized_matches_the_4bit_training_model(trained, tmp_path):
     out = tmp_path / "deq"
-    err = merge_mod.merge(trained, out, into="dequantized")  # verifies against NF4 base + adapter
-    assert err is not None and err < 1e-4
+    checked = merge_mod.merge(trained, out, into="dequantized")  # verifies against NF4 base + adapter
+    assert checked.status == "checked" and checked.error < 1e-4
     full = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert json.loads((out / run.META).read_text())["merged_into"] == "dequantized"
     assert full  # loads
+
+
+def test_verification_is_a_status_with_its_reason(trained, tmp_path, monkeypatch):
+    """Checked (with the difference), skipped on --no-verify, skipped when two fp32 copies do not fit:
+    each said so by merge and export, never a number standing for "not checked"."""
+    from pi_lora import export
+
+    result = RUNNER.invoke(app, ["merge", str(trained), "--output", str(tmp_path / "n"), "--no-verify"])
+    assert result.exit_code == 0 and "logits not verified: --no-verify was given" in result.output, result.output
+    assert merge_mod.merge(trained, tmp_path / "n2", check=False) == merge_mod.Verification("skipped", "--no-verify was given")
+    monkeypatch.setattr(merge_mod, "fits_twice", lambda source: False)
+    result = RUNNER.invoke(app, ["merge", str(trained), "--output", str(tmp_path / "big")])
+    assert result.exit_code == 0, result.output
+    assert "logits not verified: two fp32 copies of this model do not fit" in " ".join(result.output.split())
+    assert (tmp_path / "big" / "config.json").is_file()  # written all the same
+    result = RUNNER.invoke(app, ["export", str(trained), "--format", "gguf", "--dtype", "fp32", "--tokenizer-pre",
+                                 "gpt-2", "--output", str(tmp_path / "big.gguf")])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "verified: transformers reads the GGUF's tokenizer (pre-tokenizer 'gpt-2')" in said
+    assert "logits not verified: two fp32 copies" in said
+    checked = export.export_gguf(trained, tmp_path / "n.gguf", "fp32", check=False, tokenizer_pre="gpt-2")
+    assert (checked.tokens.status, checked.logits.status) == ("skipped", "skipped")
+    assert checked.logits.detail == "--no-verify was given" and checked.pre == "gpt-2"
 
 
 def test_sharded_output_has_an_index_and_reloads(trained, tmp_path):
@@ -137,6 +161,18 @@ def test_bad_inputs(trained, tmp_path, monkeypatch):
     assert not (tmp_path / "full-disk").exists()
 
 
+def test_adapters_pi_lora_does_not_make_are_refused(trained, tmp_path):
+    """merge scales by alpha / r, as pi-lora trains: an rsLoRA or DoRA adapter is refused, not mis-merged."""
+    for key in ("use_rslora", "use_dora"):
+        copy = tmp_path / key
+        shutil.copytree(trained, copy)
+        config = json.loads((copy / "adapter" / "adapter_config.json").read_text())
+        (copy / "adapter" / "adapter_config.json").write_text(json.dumps({**config, key: True}))
+        with pytest.raises(PiLoraError, match="not supported by merge"):
+            merge_mod.merge(copy, tmp_path / f"{key}-merged", check=False)
+        assert not (tmp_path / f"{key}-merged").exists()
+
+
 def test_base_with_other_shapes_is_refused(trained, tmp_path):
     from pi_lora.demo import build_tiny_llama
 
@@ -178,7 +214,9 @@ def test_gguf_export_round_trips_through_transformers(trained, tmp_path, outtype
     result = RUNNER.invoke(app, ["export", str(trained), "--format", "gguf", "--dtype", outtype, "--output", str(out),
                                  "--tokenizer-pre", "gpt-2"])  # the demo tokenizer's split is GPT-2's
     assert result.exit_code == 0, result.output
-    assert "verified" in result.output
+    said = " ".join(result.output.split())
+    assert "verified: transformers reads the GGUF back with the merged model's logits" in said
+    assert "verified: transformers reads the GGUF's tokenizer (pre-tokenizer 'gpt-2') with identical" in said
     fields = {k: f.contents() for k, f in GGUFReader(out).fields.items()}
     assert fields["general.architecture"] == "llama"
     assert fields["llama.context_length"] == 256
@@ -245,11 +283,11 @@ def test_dequantized_merge_with_default_targets_and_bf16_training(tiny_base, cor
                                  "--set", "train.warmup_steps=0"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     # merged weights are stored in bf16 like the base: the check allows for that rounding only
-    assert merge_mod.merge(out, tmp_path / "m1", into="dequantized") < 1e-2
-    assert merge_mod.merge(out, tmp_path / "m1-fp32", into="dequantized", dtype="fp32") < 1e-4
+    assert merge_mod.merge(out, tmp_path / "m1", into="dequantized").error < 1e-2
+    assert merge_mod.merge(out, tmp_path / "m1-fp32", into="dequantized", dtype="fp32").error < 1e-4
     meta = run.read_meta(out)
     run.write_json(out / run.META, {**meta, "compute_dtype": "bfloat16"})
-    assert merge_mod.merge(out, tmp_path / "m2", into="dequantized", dtype="fp32") < 1e-4
+    assert merge_mod.merge(out, tmp_path / "m2", into="dequantized", dtype="fp32").error < 1e-4
 
 
 def test_tied_base_with_trained_embeddings_merges(corpus, tmp_path):
@@ -263,7 +301,7 @@ def test_tied_base_with_trained_embeddings_merges(corpus, tmp_path):
                                  "--output", str(out), "--steps", "2", "--grad-accum", "1", "--lr", "1e-2",
                                  "--set", "lora.trainable=[embed, norm]"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert merge_mod.merge(out, tmp_path / "merged") < 1e-4
+    assert merge_mod.merge(out, tmp_path / "merged").error < 1e-4
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
     trained_embed = peft_reference(base, out).merge_and_unload().model.embed_tokens.weight
