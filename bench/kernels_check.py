@@ -114,6 +114,10 @@ def model_rows(name: str, config: dict, length: int, on) -> list[dict]:
         settings = plan.Settings.of(recipe, 2)
         train.seed_everything(0)
         net = train.build_model(recipe, cfg, on, torch.bfloat16, settings).train()
+        if choice == "liger":  # the comparison means something only if the fused forwards are in place
+            patched = sum("forward" in m.__dict__ for m in net.modules())
+            if patched < 3 * 2:  # 2 layers: their norms, MLPs and attention at least
+                raise SystemExit(f"train.kernels liger left the model as it was ({patched} forwards replaced)")
         with torch.no_grad():  # LoRA B away from 0, trained norms away from 1: every gradient path live
             gen = torch.Generator(device="cpu").manual_seed(1)
             for n, p in net.named_parameters():
