@@ -132,8 +132,8 @@ def with_rope(attention, rope) -> bool:
     library offers a per-instance hook for it, so the instance gets a copy of the class's function
     whose globals say `rope` for that one name; the class and the module are untouched."""
     function = inspect.unwrap(type(attention).forward)  # below decorators that only rename kwargs
-    if "apply_rotary_pos_emb" not in function.__code__.co_names:
-        return False
+    if "forward" in attention.__dict__ or "apply_rotary_pos_emb" not in function.__code__.co_names:
+        return False  # a forward of its own (another wrapper owns this instance), or no such call
     scope = {**function.__globals__, "apply_rotary_pos_emb": rope}
     copy = types.FunctionType(function.__code__, scope, function.__name__, function.__defaults__,
                               function.__closure__)

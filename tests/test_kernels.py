@@ -237,3 +237,12 @@ def test_other_architectures_are_refused(tiny_base, liger):
     net.get_base_model().config.hidden_act = "gelu"
     with pytest.raises(PiLoraError, match="hidden_act silu"):
         kernels.attach(net, kernels.load())
+
+
+def test_an_attention_with_a_forward_of_its_own_keeps_it(tiny_base, liger):
+    net = build(tiny_base)
+    attention = net.get_base_model().model.layers[0].self_attn
+    own = attention.forward  # as a wrapper set on the instance would be
+    attention.forward = own
+    assert kernels.attach(net, kernels.load())["rope"] == net.config.num_hidden_layers - 1
+    assert attention.__dict__["forward"] is own
