@@ -6,6 +6,11 @@
 #                               # the layer split (bench/gpu_split.py)
 #   bash bench/gpu.sh 7b        # bench/compare.py: LLaMA-7B-shaped NF4 memory and speed, the usual
 #                               # transformers + peft loop against pi-lora's, one process per point
+#   bash bench/gpu.sh long      # bench/compare.py --suite long (8 minutes at most, time-boxed): LLaMA-7B
+#                               # and Llama-3-8B shapes at 16k-128k: the usual loop, pi-lora's fastest
+#                               # settings for 24 and 80 GiB and its lowest memory, unsloth beside them
+#                               # (its wheels from the bundle, in a site of their own), the Liger check
+#                               # (bench/kernels_check.py); the plan's longest lengths and 512k figure
 #   bash bench/gpu.sh smollm2   # bench/smollm2_pi.sh: SmolLM2-135M extended 8k -> 32k by PI:
 #                               # base evaluations, `pi-lora train`, evaluation of the adapter
 #   bash bench/gpu.sh full      # 7b, then smollm2
@@ -22,7 +27,8 @@
 # docs/results.md) and smollm2.tar.gz (results.json files, plots, metrics, logs).
 #
 # Settings (environment): PYTHON (python3), OUT (.gpu/out), SITE (/tmp/pi-lora-site), LENGTHS (7b
-# part: 16384,32768,65536), SM_STEPS (300), SM_ACCUM (1), SM_LR (2e-4), SM_TARGET (32768),
+# part: 16384,32768,65536), LONG_BUDGET (long part: seconds for its points, 450; 150 on a CPU),
+# UNSLOTH_SITE (/tmp/pi-lora-unsloth-site: unsloth's packages, for its process only), SM_STEPS (300), SM_ACCUM (1), SM_LR (2e-4), SM_TARGET (32768),
 # SM_LENGTHS (2048,...,32768), SM_STRIDE (256), SM_DEPTHS (8), SM_TRIALS (3), SM_PASSKEY (1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -93,6 +99,24 @@ part_7b() {
   has_cuda || args=(--device cpu --tiny)
   say "7B part: bench/compare.py ${args[*]}"
   "$PYTHON" bench/compare.py "${args[@]}" --out "$OUT/compare.json" --md "$OUT/compare.md"
+}
+
+part_long() {
+  local budget=${LONG_BUDGET:-450} args=(--suite long)
+  has_cuda || { budget=${LONG_BUDGET:-150}; args+=(--device cpu); }
+  if ls .gpu/unsloth-wheels/*.whl >/dev/null 2>&1; then
+    # unsloth patches transformers on import and wants transformers <= 5.17 and datasets < 5: its own
+    # site, first on the path of its own process only (bench/unsloth_point.py)
+    export UNSLOTH_SITE=${UNSLOTH_SITE:-/tmp/pi-lora-unsloth-site}
+    say "installing the bundle's $(ls .gpu/unsloth-wheels/*.whl | wc -l) unsloth wheels into $UNSLOTH_SITE"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$UNSLOTH_SITE" \
+      .gpu/unsloth-wheels/*.whl 2>&1 | grep -v "already exists" || true
+  fi
+  say "long part: bench/compare.py ${args[*]} --budget $budget"
+  # a hard stop 30 s past the time box (8 minutes in all by default): a point far over its estimate
+  # cannot hold the machine; the records so far are in long.json already
+  timeout $((budget + 30)) "$PYTHON" bench/compare.py "${args[@]}" --budget "$budget" \
+    --out "$OUT/long.json" --md "$OUT/long.md"
 }
 
 smoke() {
@@ -193,9 +217,10 @@ main() {
   case "$PART" in
     smoke) smoke || rc=1 ;;
     7b) setup && part_7b || rc=1 ;;
+    long) setup && part_long || rc=1 ;;
     smollm2) setup && part_smollm2 || rc=1 ;;
     full) setup || return 1; part_7b || { rc=1; say "7B part failed"; }; part_smollm2 || rc=1 ;;
-    *) echo "usage: bash bench/gpu.sh smoke|7b|smollm2|full" >&2; exit 2 ;;
+    *) echo "usage: bash bench/gpu.sh smoke|7b|long|smollm2|full" >&2; exit 2 ;;
   esac
   say "$([ $rc = 0 ] && echo done || echo FAILED): $PART"
   return $rc

