@@ -60,6 +60,12 @@ def tile_attention(model, tile: int) -> int:
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = inner.model.layers
+    attn = layers[0].self_attn
+    if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) or hasattr(attn, "q_norm"):
+        from .errors import PiLoraError
+
+        raise PiLoraError(f"train.attention_tile supports LLaMA-layout attention, not {type(attn).__name__}; "
+                          "set train.attention_tile 0.")
     for layer in layers:
         layer.forward = _tiled_layer(layer, type(layer).forward.__get__(layer), tile)
     return len(layers)
@@ -68,7 +74,8 @@ def tile_attention(model, tile: int) -> int:
 def _tiled_layer(layer, untiled, tile: int):
     from functools import partial
 
-    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb, eager_attention_forward
+    from transformers.models.llama.modeling_llama import (ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb,
+                                                          eager_attention_forward)
 
     attn = layer.self_attn
 
@@ -95,7 +102,8 @@ def _tiled_layer(layer, untiled, tile: int):
         return [2 if t.dim() == 4 else 1 for t in first]
 
     def body(hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
-        kwargs.pop("position_ids", None), kwargs.pop("use_cache", None), kwargs.pop("cache", None)
+        for unused in ("position_ids", "use_cache", "cache"):  # RoPE comes in position_embeddings; no cache
+            kwargs.pop(unused, None)
         cos, sin = position_embeddings
         q, k, v = pieces(qkv, hidden_states, cos, sin)
         window = getattr(attn.config, "sliding_window", None)

@@ -9,8 +9,18 @@ checkpointed layer inputs are in the compute dtype); autocast makes a compute-dt
 activation a LoRA or 4-bit matmul reads.
 
 The peak of a step is the weights and optimizer state, plus every checkpointed layer input, plus
-the larger of two phases that never overlap: the LM head and loss, and one layer's recompute and
-backward.
+what the layers left un-checkpointed keep for backward, plus the larger of two phases that never
+overlap: the LM head and loss, and one layer's recompute and backward.
+
+Settings left `auto` are resolved to the fastest that fit (`fit`), by a cost model in matmul FLOPs
+(`cost`): a layer's forward is 2·T·(its linear weights) + 2·T²·(q width) for the causal attention
+core, its backward two forwards; each checkpointed layer adds one forward (its recompute); a tiled
+MLP adds one MLP forward per layer and a tiled attention block one forward of the q/k/v/o
+projections per layer (their tiles are recomputed); an offload adds its bytes crossing the host link
+twice, at FLOPS_PER_BYTE. For every combination of tiles and offload, the fewest checkpointed layers
+that fit (the first ones are checkpointed; the last ones, whose backward runs first, keep their
+activations), then the cheapest combination. With memory to spare that is no checkpointing, no
+tiling and no offload; an offload always comes with every layer checkpointed.
 """
 
 from __future__ import annotations
@@ -41,8 +51,9 @@ LAYER_M_BYTES = {4: 17.5, 2: 5.8}  # bytes per MLP unit per token, by compute dt
 # and its contiguous copy), the residual after the attention and its normed copy, and the gradients
 # of these and of the layer input and output. Counted, then checked by bench/memory.py.
 ATTN_WHOLE_H = 9.0
-# Without checkpointing, the part of a layer's working set its forward keeps for backward.
-SAVED_FRACTION = 0.7
+# Without checkpointing, the part of a layer's working set its forward keeps for backward (fitted to
+# the un-checkpointed rows of bench/memory.py, one layer or both unchecked: 0.56-0.60).
+SAVED_FRACTION = 0.58
 # bitsandbytes dequantizes a 4-bit weight for each matmul: the largest one, forward and backward.
 DEQUANT_COPIES = 1
 # CPU only: what the libraries allocate beside the tensors (measured: 0.09 GiB). On a GPU the
@@ -180,7 +191,7 @@ def activations(shape: Shape, s: Settings) -> dict[str, float]:
     saved = (layer - dequant) * SAVED_FRACTION
     chunk = min(s.loss_chunk, T) if s.loss_chunk else T
     # + the final norm's fp32 internals, its output and that output's gradient
-    head = chunk * shape.vocab * (LOGIT_BYTES + (2 if c == 2 else 0)) + T * h * (8 + 2 * c)
+    head = chunk * shape.vocab * LOGIT_BYTES + T * h * (8 + 2 * c)
     parts = {"checkpointed layer inputs": 0.0 if s.offload_activations else checkpoint_bytes(shape, s)}
     if unchecked > 1:
         parts[f"kept by {unchecked - 1} more un-checkpointed layers"] = 0.0 if s.offload_activations else saved * (unchecked - 1)
