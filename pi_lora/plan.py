@@ -37,14 +37,16 @@ QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "fp4": 0.5 + 1 / 64 + 4 / (
 QUANT_BYTES_SINGLE = {"nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64, "int8": 1.0}
 ADAM = 4 + 4 + 8  # fp32 weight, its gradient, two moments
 # Per token, per logit, for the LM head + cross-entropy: fp32 logits, log-softmax output, and in
-# backward its incoming and outgoing gradients; a 16-bit head output adds its own copy.
+# backward its incoming and outgoing gradients (a 16-bit head output is freed before the peak:
+# measured 10.8 bytes a logit in bf16, bench/memory.py).
 LOGIT_BYTES = 12
 # One layer's recompute + backward, per token. Hidden-size tensors: the RMSNorms compute in fp32
 # (their internals and the hidden-state gradient), the rest (q/k/v before and after RoPE, attention
 # output, o_proj/down_proj outputs, LoRA input copies) in the compute dtype. MLP-size tensors: gate,
 # up and silu(gate) kept for backward, their gradients; in fp32 the product too. Counted from what
-# each op saves, then fitted to the peaks bench/memory.py measures (docs/benchmarks.md).
-LAYER_FP32_H, LAYER_DT_H = 8.75, 3.75
+# each op saves, then fitted to the peaks bench/memory.py measures (docs/benchmarks.md); 2 fewer in
+# the compute dtype since the loss is one backward (no detached final hidden state and gradient).
+LAYER_FP32_H, LAYER_DT_H = 8.75, 1.75
 LAYER_M_BYTES = {4: 17.5, 2: 5.8}  # bytes per MLP unit per token, by compute dtype
 # With the attention block tiled (memory.tile_attention), the hidden-size tensors of the whole
 # sequence, in the compute dtype, besides q/k/v and their gradients: the attention output (SDPA's

@@ -28,8 +28,8 @@ def test_breakdown_of_llama_7b_at_16k_matches_a_hand_computation():
         "LoRA weights, gradients, AdamW": n * 4 * 8 * (h + h) * 16,
         "checkpointed layer inputs": n * T * h * 2,  # exactly 4 GiB: the bf16 residual stream per layer
         # fp32 norm internals and gradient, bf16 attention-side tensors, MLP tensors, a dequantized weight
-        "one layer's recompute + backward": T * h * (8.75 * 4 + 3.75 * 2) + T * m * 5.8 + h * m * 2,
-        "LM head + loss": 4096 * V * (12 + 2) + T * h * (8 + 2 * 2),
+        "one layer's recompute + backward": T * h * (8.75 * 4 + 1.75 * 2) + T * m * 5.8 + h * m * 2,
+        "LM head + loss": 4096 * V * 12 + T * h * (8 + 2 * 2),
     }
     assert e.parts == pytest.approx(hand)
     assert hand["checkpointed layer inputs"] == 4 * GiB
@@ -42,7 +42,7 @@ def test_techniques_remove_what_they_should():
     shape, base = llama7b(), plan.Settings(target_len=32768)
     plain = plan.estimate(shape, base)
     unchunked = plan.estimate(shape, plan.Settings(target_len=32768, loss_chunk=0))
-    assert unchunked.parts["LM head + loss"] == pytest.approx(32768 * 32000 * 14 + 32768 * 4096 * 12)
+    assert unchunked.parts["LM head + loss"] == pytest.approx(32768 * 32000 * 12 + 32768 * 4096 * 12)
     tiled = plan.estimate(shape, plan.Settings(target_len=32768, mlp_tile=4096))
     saved = plain.parts["one layer's recompute + backward"] - tiled.parts["one layer's recompute + backward"]
     assert saved == pytest.approx((32768 - 4096) * 11008 * 5.8)
@@ -59,8 +59,8 @@ def test_fit_picks_the_fastest_settings_that_fit():
     assert changes == {} and roomy.needs <= 80 * GiB
     tight, changes = plan.fit(shape, s, 16 * GiB, cuda=True, auto=auto)
     assert changes == {"offload_activations": True} and tight.needs <= 16 * GiB
-    tighter, changes = plan.fit(shape, plan.Settings(target_len=65536), 20 * GiB, cuda=True, auto=auto)
-    assert changes == {"mlp_tile": 4096, "offload_activations": True} and tighter.needs <= 20 * GiB
+    tighter, changes = plan.fit(shape, plan.Settings(target_len=65536), 18 * GiB, cuda=True, auto=auto)
+    assert changes == {"mlp_tile": 4096, "offload_activations": True} and tighter.needs <= 18 * GiB
     # nothing may change that the recipe fixed: the smallest estimate is returned, and it does not fit
     fixed, changes = plan.fit(shape, s, 16 * GiB, cuda=True, auto=set())
     assert changes == {} and fixed.needs > 16 * GiB
@@ -78,7 +78,7 @@ def test_with_room_to_spare_fewer_layers_are_checkpointed():
     assert changes == {"gradient_checkpointing": 0} and roomy.needs <= 80 * GiB  # no recompute at all
     s = plan.Settings(target_len=16384)
     counts = []
-    for gib in (80, 40, 24):
+    for gib in (64, 40, 24):
         e, changes = plan.fit(shape, s, gib * GiB, cuda=True, auto=AUTO)
         n = changes["gradient_checkpointing"]
         assert set(changes) == {"gradient_checkpointing"}  # no tiling, no offload
