@@ -52,10 +52,10 @@ LAYER_M_BYTES = {4: 17.5, 2: 5.8}  # bytes per MLP unit per token, by compute dt
 # sequence, in the compute dtype, besides q/k/v and their gradients: the attention output (SDPA's
 # and its contiguous copy), the residual after the attention and its normed copy, and the gradients
 # of these and of the layer input and output. Counted, then checked by bench/memory.py.
-ATTN_WHOLE_H = 9.0
+ATTN_WHOLE_H = 5.0
 # Without checkpointing, the part of a layer's working set its forward keeps for backward (fitted to
-# the un-checkpointed rows of bench/memory.py, one layer or both unchecked: 0.56-0.60).
-SAVED_FRACTION = 0.58
+# the un-checkpointed rows of bench/memory.py, one layer or both unchecked: 0.69-0.75).
+SAVED_FRACTION = 0.7
 # bitsandbytes dequantizes a 4-bit weight for each matmul: the largest one, forward and backward.
 DEQUANT_COPIES = 1
 # CPU only: what the libraries allocate beside the tensors (measured: 0.09 GiB). On a GPU the

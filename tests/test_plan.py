@@ -297,7 +297,9 @@ def test_a_sharded_base_must_still_load_whole_on_each_gpu():
 
 
 def test_plan_cli_plans_a_sharded_65b_on_two_48gib_cards():
-    alone = RUNNER.invoke(app, ["plan", "--base", "llama-65b", "--target-len", "65536", "--gpu-mem", "48GiB"])
+    # (with the attention block tiled, one 48 GiB card holds it alone)
+    alone = RUNNER.invoke(app, ["plan", "--base", "llama-65b", "--target-len", "65536", "--gpu-mem", "48GiB",
+                                "--set", "train.attention_tile=0"])
     sharded = RUNNER.invoke(app, ["plan", "--base", "llama-65b", "--target-len", "65536", "--gpu-mem", "48GiB",
                                   "--shard", "--processes", "2"])
     assert alone.exit_code == 2 and "--shard --processes 2" in alone.output, alone.output
