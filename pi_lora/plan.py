@@ -49,9 +49,9 @@ LOGIT_BYTES = 12
 LAYER_FP32_H, LAYER_DT_H = 8.75, 1.75
 LAYER_M_BYTES = {4: 17.5, 2: 5.8}  # bytes per MLP unit per token, by compute dtype
 # With the attention block tiled (memory.tile_attention), the hidden-size tensors of the whole
-# sequence, in the compute dtype, besides q/k/v and their gradients: the attention output (SDPA's
-# and its contiguous copy), the residual after the attention and its normed copy, and the gradients
-# of these and of the layer input and output. Counted, then checked by bench/memory.py.
+# sequence, in the compute dtype, besides q/k/v and their gradients: the attention output and its
+# gradient, the normed residual the MLP reads, and the gradients of the layer's input and output.
+# Counted, then fitted to the attention-tiled rows of bench/memory.py.
 ATTN_WHOLE_H = 5.0
 # Without checkpointing, the part of a layer's working set its forward keeps for backward (fitted to
 # the un-checkpointed rows of bench/memory.py, one layer or both unchecked: 0.69-0.75).
@@ -171,7 +171,7 @@ def layer_bytes(shape: Shape, s: Settings) -> float:
     block = h * (4 * LAYER_FP32_H + c * LAYER_DT_H)  # per position, the hidden-size tensors
     if s.attention_tile and s.attention_tile < T:
         # over a tile what the untiled block holds over the sequence; over the whole sequence q, k,
-        # v and their gradients, and the attention output, residual and normed residual (+ gradients)
+        # v and their gradients, and ATTN_WHOLE_H more hidden-size tensors
         q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         hidden = s.attention_tile * block + T * c * (ATTN_WHOLE_H * h + 2 * (q + 2 * kv))
     else:
