@@ -369,8 +369,9 @@ def plan(
              f"batch {resolved.train.batch_size}")
     console.print(planner.table(decision, title))
     s = decision.estimate.settings
-    console.print(f"settings: loss_chunk {s.loss_chunk}, mlp_tile {s.mlp_tile}, offload_activations "
-                  f"{s.offload_activations}" + (" (auto)" if decision.chosen else ""))
+    chosen = ", ".join(f"{k} {v}" for k, v in planner.resolved(shape, s).items())
+    console.print(f"settings: loss_chunk {s.loss_chunk}, {chosen}"
+                  + (f" (auto: {', '.join(decision.chosen)})" if decision.chosen else ""))
     if m.gpus > 1:
         console.print(f"layers per GPU: {decision.split}")
     if not decision.fits:

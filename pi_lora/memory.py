@@ -5,6 +5,15 @@ dominate a layer's recompute working set at long L. Running the MLP over tiles o
 each tile under non-reentrant checkpointing, keeps those intermediates for one tile at a time in
 forward and in backward. The MLP is position-wise, so tiling changes nothing but memory.
 
+Tiled attention block: what is left per token with the MLP tiled and the checkpoints offloaded is
+the attention block's working set: the fp32 internals of the two RMSNorms, the inputs and outputs
+of q/k/v/o (and their LoRA), q and k before and after RoPE, and their gradients. Everything in the
+block but the attention core is position-wise too, so it runs over sequence tiles, each under
+non-reentrant checkpointing: the input norm with q/k/v and RoPE; the o projection with the
+residual add and the post-attention norm. Only q, k, v, the attention output, the residual and the
+normed residual of the whole sequence live at once; the attention core stays one SDPA call over the
+whole sequence (it never builds an L x L tensor).
+
 Narrow (16-bit compute only): frozen embeddings and head in the compute dtype, and a residual
 stream in the compute dtype too, as plain bf16 training has it; halves the checkpointed layer inputs.
 """
@@ -38,6 +47,83 @@ def tile_mlps(model, tile: int) -> int:
     for layer in layers:
         layer.mlp.forward = tiled(layer.mlp.forward, tile)
     return len(layers)
+
+
+def tile_attention(model, tile: int) -> int:
+    """Run every decoder layer's attention block in sequence tiles of `tile` positions; returns how many.
+
+    Sets the forward of our own model's decoder-layer instances, as tile_mlps does (module names and
+    weights are unchanged; no library code is modified). Hand-written because no library tiles the
+    attention block: the layer's forward is one function in transformers, so the tiles have to cut
+    it where LlamaDecoderLayer/LlamaAttention (transformers 5) compose it, and this function mirrors
+    their forwards, calling the same submodules, RoPE and attention interface.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = inner.model.layers
+    attn = layers[0].self_attn
+    if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) or hasattr(attn, "q_norm"):
+        from .errors import PiLoraError
+
+        raise PiLoraError(f"train.attention_tile supports LLaMA-layout attention, not {type(attn).__name__}; "
+                          "set train.attention_tile 0.")
+    for layer in layers:
+        layer.forward = _tiled_layer(layer, type(layer).forward.__get__(layer), tile)
+    return len(layers)
+
+
+def _tiled_layer(layer, untiled, tile: int):
+    from functools import partial
+
+    from transformers.models.llama.modeling_llama import (ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb,
+                                                          eager_attention_forward)
+
+    attn = layer.self_attn
+
+    def qkv(x, cos, sin):  # position-wise up to the attention core
+        x = layer.input_layernorm(x)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def out(o, residual):  # position-wise after it: o_proj, the residual add, the post-attention norm
+        h = residual + attn.o_proj(o)
+        return h, layer.post_attention_layernorm(h)
+
+    def pieces(fn, *xs):
+        """fn over tiles of positions (dim 1 of every x), each tile checkpointed; outputs concatenated."""
+        n = xs[0].shape[1]
+        if n <= tile:
+            return fn(*xs)
+        outs = [checkpoint(fn, *(x[:, i : i + tile] for x in xs), use_reentrant=False) for i in range(0, n, tile)]
+        return tuple(torch.cat(parts, dim=dim) for parts, dim in zip(zip(*outs), dims(outs[0])))
+
+    def dims(first):  # q/k/v are (batch, heads, positions, head_dim); the rest (batch, positions, ...)
+        return [2 if t.dim() == 4 else 1 for t in first]
+
+    def body(hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        for unused in ("position_ids", "use_cache", "cache"):  # RoPE comes in position_embeddings; no cache
+            kwargs.pop(unused, None)
+        cos, sin = position_embeddings
+        q, k, v = pieces(qkv, hidden_states, cos, sin)
+        window = getattr(attn.config, "sliding_window", None)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        o, _ = interface(attn, q, k, v, attention_mask, dropout=attn.attention_dropout if attn.training else 0.0,
+                         scaling=attn.scaling, **({"sliding_window": window} if window else {}), **kwargs)
+        o = o.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        h, normed = pieces(out, o, hidden_states)
+        return h + layer.mlp(normed)
+
+    def forward(hidden_states, *args, **kwargs):
+        if args or kwargs.get("cache") is not None:  # generation with a cache: the library's own forward
+            return untiled(hidden_states, *args, **kwargs)
+        # the class forward, which this instance forward replaces, is where transformers'
+        # GradientCheckpointingLayer checkpoints a layer: keep that, per layer, as it decides
+        if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            return layer._gradient_checkpointing_func(partial(body, **kwargs), hidden_states)
+        return body(hidden_states, **kwargs)
+
+    return forward
 
 
 def narrow(model, dtype: torch.dtype) -> int:

@@ -256,17 +256,26 @@ def trainable_module_names(model, kinds: list[str]) -> list[str]:
     return names
 
 
-def add_lora(model, lora, gradient_checkpointing: bool):
-    """Wrap the base in a peft LoRA model; only adapters (and `trainable` layers) get gradients."""
+def add_lora(model, lora, gradient_checkpointing: bool | int):
+    """Wrap the base in a peft LoRA model; only adapters (and `trainable` layers) get gradients.
+
+    `gradient_checkpointing`: True checkpoints every decoder layer, N the first N, False or 0 none.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     # non-reentrant checkpointing: the reentrant kind re-runs layers under no_grad, and a no-grad
     # forward through a bitsandbytes 4-bit layer on CPU corrupts its weights (see pi_lora.quant)
     ckpt = {"use_reentrant": False}
+    layers = model.model.layers
+    count = len(layers) if gradient_checkpointing is True else min(int(gradient_checkpointing), len(layers))
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, gradient_checkpointing, ckpt)
-    elif gradient_checkpointing:
+        model = prepare_model_for_kbit_training(model, count > 0, ckpt)
+    elif count:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+    # transformers checkpoints every layer (or every k-th); its per-layer flag leaves the last ones
+    # out, whose backward runs first, so what they keep is freed before any recompute
+    for layer in layers[count:] if count else []:
+        layer.gradient_checkpointing = False
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,

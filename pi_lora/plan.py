@@ -9,8 +9,18 @@ checkpointed layer inputs are in the compute dtype); autocast makes a compute-dt
 activation a LoRA or 4-bit matmul reads.
 
 The peak of a step is the weights and optimizer state, plus every checkpointed layer input, plus
-the larger of two phases that never overlap: the LM head and loss, and one layer's recompute and
-backward.
+what the layers left un-checkpointed keep for backward, plus the larger of two phases that never
+overlap: the LM head and loss, and one layer's recompute and backward.
+
+Settings left `auto` are resolved to the fastest that fit (`fit`), by a cost model in matmul FLOPs
+(`cost`): a layer's forward is 2·T·(its linear weights) + 2·T²·(q width) for the causal attention
+core, its backward two forwards; each checkpointed layer adds one forward (its recompute); a tiled
+MLP adds one MLP forward per layer and a tiled attention block one forward of the q/k/v/o
+projections per layer (their tiles are recomputed); an offload adds its bytes crossing the host link
+twice, at FLOPS_PER_BYTE. For every combination of tiles and offload, the fewest checkpointed layers
+that fit (the first ones are checkpointed; the last ones, whose backward runs first, keep their
+activations), then the cheapest combination. With memory to spare that is no checkpointing, no
+tiling and no offload; an offload always comes with every layer checkpointed.
 """
 
 from __future__ import annotations
@@ -27,16 +37,24 @@ QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "fp4": 0.5 + 1 / 64 + 4 / (
 QUANT_BYTES_SINGLE = {"nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64, "int8": 1.0}
 ADAM = 4 + 4 + 8  # fp32 weight, its gradient, two moments
 # Per token, per logit, for the LM head + cross-entropy: fp32 logits, log-softmax output, and in
-# backward its incoming and outgoing gradients; a 16-bit head output adds its own copy.
+# backward its incoming and outgoing gradients (a 16-bit head output is freed before the peak:
+# measured 10.8 bytes a logit in bf16, bench/memory.py).
 LOGIT_BYTES = 12
 # One layer's recompute + backward, per token. Hidden-size tensors: the RMSNorms compute in fp32
 # (their internals and the hidden-state gradient), the rest (q/k/v before and after RoPE, attention
 # output, o_proj/down_proj outputs, LoRA input copies) in the compute dtype. MLP-size tensors: gate,
 # up and silu(gate) kept for backward, their gradients; in fp32 the product too. Counted from what
-# each op saves, then fitted to the peaks bench/memory.py measures (docs/benchmarks.md).
-LAYER_FP32_H, LAYER_DT_H = 8.75, 3.75
+# each op saves, then fitted to the peaks bench/memory.py measures (docs/benchmarks.md); 2 fewer in
+# the compute dtype since the loss is one backward (no detached final hidden state and gradient).
+LAYER_FP32_H, LAYER_DT_H = 8.75, 1.75
 LAYER_M_BYTES = {4: 17.5, 2: 5.8}  # bytes per MLP unit per token, by compute dtype
-# Without checkpointing, the part of a layer's working set its forward keeps for backward.
+# With the attention block tiled (memory.tile_attention), the hidden-size tensors of the whole
+# sequence, in the compute dtype, besides q/k/v and their gradients: the attention output and its
+# gradient, the normed residual the MLP reads, and the gradients of the layer's input and output.
+# Counted, then fitted to the attention-tiled rows of bench/memory.py.
+ATTN_WHOLE_H = 5.0
+# Without checkpointing, the part of a layer's working set its forward keeps for backward (fitted to
+# the un-checkpointed rows of bench/memory.py, one layer or both unchecked: 0.69-0.75).
 SAVED_FRACTION = 0.7
 # bitsandbytes dequantizes a 4-bit weight for each matmul: the largest one, forward and backward.
 DEQUANT_COPIES = 1
@@ -92,9 +110,10 @@ class Settings:
     rank: int = 8
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     trainable: tuple[str, ...] = ()
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | int = True  # True: every layer; N: the first N (0, False: none)
     loss_chunk: int = 4096
     mlp_tile: int = 0
+    attention_tile: int = 0
     offload_activations: bool = False
     gpus: int = 1
     shards: int = 1  # processes sharing the model (model.shard under torchrun)
@@ -107,8 +126,9 @@ class Settings:
             target_len=recipe.rope.target_len, batch_size=t.batch_size, quant=recipe.model.quant,
             double_quant=recipe.model.double_quant, compute_bytes=compute_bytes, rank=lora.rank,
             target_modules=targets, trainable=tuple(lora.trainable),
-            gradient_checkpointing=recipe.model.gradient_checkpointing, loss_chunk=t.loss_chunk,
-            mlp_tile=t.mlp_tile if isinstance(t.mlp_tile, int) else 0,
+            gradient_checkpointing=True if t.gradient_checkpointing == "auto" else t.gradient_checkpointing,
+            loss_chunk=t.loss_chunk, mlp_tile=t.mlp_tile if isinstance(t.mlp_tile, int) else 0,
+            attention_tile=t.attention_tile if isinstance(t.attention_tile, int) else 0,
             offload_activations=t.offload_activations is True, gpus=recipe.model.gpus,
             shards=processes if recipe.model.shard else 1,
         )
@@ -131,28 +151,61 @@ def lora_params(shape: Shape, s: Settings) -> int:
     return shape.layers * sum(s.rank * sum(shape.linear(n)) for n in s.target_modules if n in LINEARS)
 
 
+def checkpointed(shape: Shape, s: Settings) -> int:
+    """How many decoder layers are checkpointed (the first ones)."""
+    if s.gradient_checkpointing is True:
+        return shape.layers
+    return min(int(s.gradient_checkpointing), shape.layers)
+
+
 def checkpoint_bytes(shape: Shape, s: Settings) -> float:
     """Every layer's input, kept for its recompute: the residual stream in the compute dtype (memory.narrow)."""
     return float(s.batch_size * s.target_len * shape.hidden * s.compute_bytes * shape.layers)
 
 
-def activations(shape: Shape, s: Settings) -> dict[str, float]:
-    """Bytes of the step's activations: checkpoints (all live at once) and the two exclusive phases."""
+def layer_bytes(shape: Shape, s: Settings) -> float:
+    """One layer's recompute + backward working set."""
     T, h, m, c = s.batch_size * s.target_len, shape.hidden, shape.intermediate, s.compute_bytes
     tile = min(s.mlp_tile, T) if s.mlp_tile else T
     dequant = DEQUANT_COPIES * h * m * c if s.quant != "none" else 0
-    layer = T * h * (4 * LAYER_FP32_H + c * LAYER_DT_H) + tile * m * LAYER_M_BYTES.get(c, 17.5) + dequant
-    inputs = checkpoint_bytes(shape, s)
-    if not s.gradient_checkpointing:  # every other layer keeps what its forward saved (measured: 0.7 of it)
-        inputs += (layer - dequant) * SAVED_FRACTION * (shape.layers - 1)
+    block = h * (4 * LAYER_FP32_H + c * LAYER_DT_H)  # per position, the hidden-size tensors
+    if s.attention_tile and s.attention_tile < T:
+        # over a tile what the untiled block holds over the sequence; over the whole sequence q, k,
+        # v and their gradients, and ATTN_WHOLE_H more hidden-size tensors
+        q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        hidden = s.attention_tile * block + T * c * (ATTN_WHOLE_H * h + 2 * (q + 2 * kv))
+    else:
+        hidden = T * block
+    return hidden + tile * m * LAYER_M_BYTES.get(c, 17.5) + dequant
+
+
+def activations(shape: Shape, s: Settings) -> dict[str, float]:
+    """Bytes of the step's activations: checkpoints (all live at once) and the two exclusive phases.
+
+    A layer that is not checkpointed keeps what its forward saved (measured: SAVED_FRACTION of its
+    working set) until its backward; the last layers are the ones left unchecked, so the first of
+    their backwards runs with the others' kept activations, and the LM head runs with all of them.
+    """
+    T, h, c = s.batch_size * s.target_len, shape.hidden, s.compute_bytes
+    layer = layer_bytes(shape, s)
+    dequant = DEQUANT_COPIES * h * shape.intermediate * c if s.quant != "none" else 0
+    unchecked = shape.layers - checkpointed(shape, s)
+    saved = (layer - dequant) * SAVED_FRACTION
     chunk = min(s.loss_chunk, T) if s.loss_chunk else T
     # + the final norm's fp32 internals, its output and that output's gradient
-    head = chunk * shape.vocab * (LOGIT_BYTES + (2 if c == 2 else 0)) + T * h * (8 + 2 * c)
-    return {
-        "checkpointed layer inputs": 0.0 if s.offload_activations else float(inputs),
+    head = chunk * shape.vocab * LOGIT_BYTES + T * h * (8 + 2 * c)
+    parts = {"checkpointed layer inputs": 0.0 if s.offload_activations else checkpoint_bytes(shape, s)}
+    if unchecked > 1:
+        parts[f"kept by {unchecked - 1} more un-checkpointed layers"] = 0.0 if s.offload_activations else saved * (unchecked - 1)
+    return parts | {
         "one layer's recompute + backward": float(layer),
-        "LM head + loss": float(head),
+        # with the last layer unchecked, what it keeps is live while the head runs
+        "LM head + loss": float(head + (saved if unchecked and not s.offload_activations else 0)),
     }
+
+
+def kept_bytes(parts: dict) -> float:
+    return sum(v for k, v in parts.items() if k.startswith("kept by "))
 
 
 @dataclass
@@ -188,12 +241,20 @@ def estimate(shape: Shape, s: Settings, cuda: bool = True) -> Estimate:
         w["library buffers (CPU)"] = CPU_RUNTIME
     a = activations(shape, s)
     parts = {**w, **t, **a}
-    static = sum(w.values()) + sum(t.values()) + a["checkpointed layer inputs"]
+    static = sum(w.values()) + sum(t.values()) + a["checkpointed layer inputs"] + kept_bytes(a)
     peak = static + max(a["one layer's recompute + backward"], a["LM head + loss"])
     if s.gpus > 1:
         peak = max(loads(shape, s, parts, split(shape, s, parts)))
-    offloaded = checkpoint_bytes(shape, s) if s.offload_activations else 0.0
+    offloaded = offloaded_bytes(shape, s) if s.offload_activations else 0.0
     return Estimate(shape, s, parts, max(peak, loading), float(offloaded), cuda, loading)
+
+
+def offloaded_bytes(shape: Shape, s: Settings) -> float:
+    """What the offload moves to host memory: the checkpointed layer inputs, and everything the
+    layers that are not checkpointed save for backward."""
+    unchecked = shape.layers - checkpointed(shape, s)
+    dequant = DEQUANT_COPIES * shape.hidden * shape.intermediate * s.compute_bytes if s.quant != "none" else 0
+    return checkpoint_bytes(shape, s) + (layer_bytes(shape, s) - dequant) * SAVED_FRACTION * unchecked
 
 
 def gathered(shape: Shape, s: Settings, whole: dict[str, float]) -> float:
@@ -212,7 +273,7 @@ def _devices(shape: Shape, s: Settings, parts: dict) -> tuple[float, list[float]
     final norm, the head and the loss, unless the head is tied to the embeddings and lives with them."""
     n, N = shape.layers, s.gpus
     per_layer = (parts["base weights (linears)"] + parts["LoRA weights, gradients, AdamW"]
-                 + parts["checkpointed layer inputs"]) / n
+                 + parts["checkpointed layer inputs"] + kept_bytes(parts)) / n
     embed = shape.vocab * shape.hidden * s.compute_bytes
     trained = parts.get("trained embed/norm copies, gradients, AdamW", 0.0)
     layer, head = parts["one layer's recompute + backward"], parts["LM head + loss"]
@@ -247,33 +308,83 @@ def loads(shape: Shape, s: Settings, parts: dict, counts: list[int]) -> list[flo
     return [f + k * per_layer + p for f, k, p in zip(fixed, counts, phase)]
 
 
-# Cheapest first: tiling costs one more MLP forward per layer; offload costs host transfers
-# (overlapped on a GPU).
-LADDER = (
-    {},
-    {"mlp_tile": 4096},
-    {"offload_activations": True},
-    {"mlp_tile": 4096, "offload_activations": True},
-    {"mlp_tile": 2048, "offload_activations": True},
-)
+TILES = (0, 4096, 2048, 1024)  # candidate tiles for an `auto` mlp_tile/attention_tile, in order of preference
+AUTO = ("gradient_checkpointing", "mlp_tile", "attention_tile", "offload_activations")
+# A step's cost in matmul FLOPs; an offloaded byte costs what the device computes while it crosses
+# the host link twice (out and back): ~400 TFLOP/s of 16-bit matmuls over ~25 GB/s.
+FLOPS_PER_BYTE = 16_000
+
+
+def cost(shape: Shape, s: Settings) -> float:
+    """Relative time of a step, to order settings that fit: every layer's forward and backward
+    (~2 forwards), one more forward per checkpointed layer, one more MLP forward per layer when the
+    MLP is tiled (its tiles are recomputed), one more forward of the projections per layer when the
+    attention block is tiled, and the host transfers of an offload. The LM head and loss are the
+    same under every setting and left out."""
+    T, h, m, n = s.batch_size * s.target_len, shape.hidden, shape.intermediate, shape.layers
+    q = shape.heads * shape.head_dim
+    mlp = 2 * T * 3 * h * m
+    projections = 2 * T * sum(i * o for i, o in map(shape.linear, ("q_proj", "k_proj", "v_proj", "o_proj")))
+    forward = mlp + projections + 2 * T * T * q  # + the causal attention core (QK^T and PV, half the square)
+    total = (3 * n + checkpointed(shape, s)) * forward
+    total += n * mlp if s.mlp_tile and s.mlp_tile < T else 0
+    total += n * projections if s.attention_tile and s.attention_tile < T else 0
+    return total + (2 * offloaded_bytes(shape, s) * FLOPS_PER_BYTE if s.offload_activations else 0)
+
+
+def candidates(s: Settings, cuda: bool, auto: set[str]) -> list[dict]:
+    """The combinations of tiles and offload to try, in order of preference (checkpointing apart)."""
+    options = [[(k, v) for v in ((False, True) if k == "offload_activations" else TILES)] if k in auto else []
+               for k in ("mlp_tile", "attention_tile", "offload_activations")]
+    if not cuda and options[2]:
+        options[2] = [("offload_activations", False)]  # on a CPU the activations are in host memory already
+    combos = [{}]
+    for choices in options:
+        combos = [c | dict([choice]) for c in combos for choice in choices] if choices else combos
+    return combos
 
 
 def fit(shape: Shape, s: Settings, budget: float, cuda: bool, auto: set[str]) -> tuple[Estimate, dict]:
-    """The first rung of LADDER that fits `budget`, changing only the settings in `auto`.
+    """The fastest settings (by `cost`) that fit `budget`, changing only the settings in `auto`.
 
-    Returns the estimate and the settings chosen; when nothing fits, the last (smallest) estimate.
+    For each combination of tiles and offload, the fewest checkpointed layers that fit (when
+    gradient_checkpointing is auto; memory falls as layers are checkpointed, time rises). Returns the
+    estimate and the settings changed; when nothing fits, the smallest estimate.
     """
-    best = None
-    for rung in LADDER:
-        changes = {k: v for k, v in rung.items() if k in auto}
-        if changes.get("offload_activations") and not cuda:
-            continue  # on a CPU the activations are in host memory already
-        e = estimate(shape, replace(s, **changes), cuda)
-        if best is None or e.needs < best[0].needs:
-            best = (e, changes)
-        if e.needs <= budget:
-            return e, changes
-    return best
+    best, smallest = None, None
+    for combo in candidates(s, cuda, auto):
+        trial = replace(s, **combo)
+        if "gradient_checkpointing" in auto and trial.offload_activations:
+            # offloaded, an unchecked layer would send all it saves to the host and back: more
+            # transfer than its recompute costs, and host memory without bound
+            combo = combo | {"gradient_checkpointing": shape.layers}
+            e = estimate(shape, replace(trial, gradient_checkpointing=True), cuda)
+        elif "gradient_checkpointing" in auto:
+            e = fewest_checkpointed(shape, trial, budget, cuda)
+            combo = combo | {"gradient_checkpointing": checkpointed(shape, e.settings)}
+        else:
+            e = estimate(shape, trial, cuda)
+        if smallest is None or e.needs < smallest[0].needs:
+            smallest = (e, combo)
+        if e.needs <= budget and (best is None or cost(shape, e.settings) < cost(shape, best[0].settings)):
+            best = (e, combo)
+    e, combo = best or smallest
+    before = resolved(shape, s)
+    return e, {k: v for k, v in combo.items() if v != before[k]}
+
+
+def fewest_checkpointed(shape: Shape, s: Settings, budget: float, cuda: bool) -> Estimate:
+    """The estimate with the fewest checkpointed layers that fits (all of them when none fits)."""
+    low, high = 0, shape.layers  # memory falls with every layer checkpointed: bisect
+    if estimate(shape, replace(s, gradient_checkpointing=high), cuda).needs > budget:
+        return estimate(shape, replace(s, gradient_checkpointing=high), cuda)
+    while low < high:
+        mid = (low + high) // 2
+        if estimate(shape, replace(s, gradient_checkpointing=mid), cuda).needs <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    return estimate(shape, replace(s, gradient_checkpointing=low), cuda)
 
 
 def max_length(shape: Shape, s: Settings, budget: float, cuda: bool, auto: set[str], step: int = 1024) -> int:
@@ -314,7 +425,7 @@ def device_memory(cuda: bool) -> float:
 
 
 def auto_keys(train) -> set[str]:
-    return {k for k in ("mlp_tile", "offload_activations") if getattr(train, k) == "auto"}
+    return {k for k in AUTO if getattr(train, k) == "auto"}
 
 
 @dataclass
@@ -339,13 +450,22 @@ def decide(shape: Shape, recipe, compute_bytes: int, cuda: bool, budget: float |
     if t.offload_activations is True and not t.loss_chunk:
         raise PiLoraError("train.offload_activations needs train.loss_chunk > 0 (the chunked loss runs the offload).")
     budget = budget or (parse_size(t.gpu_mem) if t.gpu_mem else device_memory(cuda))
+    if type(t.gradient_checkpointing) is int and t.gradient_checkpointing > shape.layers:
+        raise PiLoraError(f"train.gradient_checkpointing is {t.gradient_checkpointing} layers; the model has "
+                          f"{shape.layers}. Give at most {shape.layers}, true (all), false or auto.")
     auto = auto_keys(t)
     if not t.loss_chunk:
         auto.discard("offload_activations")
     s = Settings.of(recipe, compute_bytes, processes)
     e, changes = fit(shape, s, budget, cuda, auto)
-    chosen = {"mlp_tile": e.settings.mlp_tile, "offload_activations": e.settings.offload_activations}
-    return Decision(e, {k: chosen[k] for k in auto}, budget, e.needs <= budget)
+    chosen = resolved(e.shape, e.settings)
+    return Decision(e, {k: chosen[k] for k in AUTO if k in auto}, budget, e.needs <= budget)
+
+
+def resolved(shape: Shape, s: Settings) -> dict:
+    """The settings `auto` can stand for, as a run computes with them (recorded beside the recipe)."""
+    return {"gradient_checkpointing": checkpointed(shape, s), "mlp_tile": s.mlp_tile,
+            "attention_tile": s.attention_tile, "offload_activations": s.offload_activations}
 
 
 def refusal(d: Decision, shape: Shape, auto: set[str]) -> str:
@@ -357,14 +477,14 @@ def refusal(d: Decision, shape: Shape, auto: set[str]) -> str:
                 "layers across the GPUs of one process instead. See: pi-lora plan.")
     biggest = sorted(e.parts.items(), key=lambda kv: -kv[1])[:3]
     parts = ", ".join(f"{name} {v / GiB:.1f} GiB" for name, v in biggest)
-    longest = max_length(shape, s, d.budget, e.cuda, auto | {"mlp_tile", "offload_activations"})
+    longest = max_length(shape, s, d.budget, e.cuda, auto | set(AUTO))
     hints = [f"rope.target_len {longest:,} fits" if longest else "no length fits"]
     if s.batch_size > 1:
         hints.append("train.batch_size 1 (raise train.grad_accum to keep the batch)")
     if e.cuda:
         hints.append("more GPUs (pi-lora plan --gpus 2, or --shard --processes 2 under torchrun)")
-    if not auto >= {"mlp_tile", "offload_activations"}:
-        hints.append("train.mlp_tile and train.offload_activations auto")
+    if not auto >= set(AUTO):
+        hints.append(", ".join(f"train.{k}" for k in AUTO if k not in auto) + " auto")
     return (f"this run needs {e.needs / GiB:.1f} GiB per device and has {d.budget / GiB:.1f} GiB "
             f"(largest parts: {parts}). Options: {'; '.join(hints)}. See: pi-lora plan.")
 

@@ -36,7 +36,6 @@ class ModelSection(_Section):
     double_quant: bool = True
     # auto: bf16 on GPU, fp32 on CPU. No fp16: it would need loss scaling, which training does not do.
     compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    gradient_checkpointing: bool = True
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gpus: PosInt = 1  # split the layers across this many GPUs (balanced by the memory plan)
     shard: bool = False  # under torchrun: shard the base and LoRA state across the processes (FSDP2)
@@ -90,7 +89,11 @@ class TrainSection(_Section):
     loss_chunk: NonNegInt = 4096  # LM head + loss over this many positions at a time; 0: all at once
     # auto: chosen by the memory plan (pi-lora plan), only when the run would not fit without
     mlp_tile: Literal["auto"] | NonNegInt = "auto"  # run each MLP over this many positions at a time; 0: off
+    attention_tile: Literal["auto"] | NonNegInt = "auto"  # norms, q/k/v/o and RoPE over this many positions; 0: off
     offload_activations: Literal["auto"] | bool = "auto"  # checkpointed layer inputs in CPU memory
+    # non-reentrant, per decoder layer: true (all), false, or N (the first N; the others keep their
+    # activations and skip the recompute); auto: as few as fit (pi-lora plan)
+    gradient_checkpointing: Literal["auto"] | bool | NonNegInt = "auto"
     gpu_mem: str | None = None  # memory per device the plan may use, e.g. "24GiB"; default: what the device has
     # fused Triton kernels on CUDA (pi_lora.kernels): liger = Liger-Kernel's RMSNorm, SwiGLU and RoPE; off on a CPU
     kernels: Literal["none", "liger"] = "none"
@@ -116,6 +119,7 @@ class Recipe(_Section):
 
 
 REQUIRED = ("model.base", "rope.target_len")
+MOVED = {"model.gradient_checkpointing": "train.gradient_checkpointing"}  # old key -> its name now
 SHIPPED_DIRS = (Path(__file__).parent / "recipes", Path(__file__).parent.parent / "recipes")
 
 
@@ -247,7 +251,9 @@ def _describe(errors: list[dict]) -> list[str]:
         # union branches add tags like "list[str]"; keep only real keys and list indices
         loc = [p for p in err["loc"] if isinstance(p, int) or re.fullmatch(r"[A-Za-z_]\w*", p)]
         path = ".".join(str(p) for p in loc)
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and path in MOVED:
+            msg = f"moved to {MOVED[path]}"
+        elif err["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1)
             msg = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
         else:

@@ -158,7 +158,7 @@ def metadata(p: Prepared) -> dict:
         "trust_remote_code": p.recipe.model.trust_remote_code,
         "planned_peak_gib": round(p.memory.estimate.peak / planner.GiB, 3),
         # the recipe may say `auto`; a resume computes with what this run resolved
-        "resolved": {"mlp_tile": p.settings.mlp_tile, "offload_activations": p.settings.offload_activations},
+        "resolved": planner.resolved(p.memory.estimate.shape, p.settings),
         "pi_lora_version": __version__,
         "transformers_version": transformers.__version__,
         "peft_version": peft.__version__,
@@ -419,7 +419,7 @@ def oom_message(p: Prepared, on: torch.device) -> str:
         f"out of memory at length {p.pi.target_len} x batch {p.recipe.train.batch_size} "
         f"(device has {total:.1f} GiB, peak allocated {peak:.1f} GiB). To use less: "
         "train.batch_size 1 (raise train.grad_accum to keep the batch), model.quant nf4, "
-        "model.gradient_checkpointing true, a smaller train.loss_chunk, fewer lora.target_modules, "
+        "train.gradient_checkpointing true, a smaller train.loss_chunk, fewer lora.target_modules, "
         "a shorter rope.target_len, or more GPUs."
     )
 
@@ -568,17 +568,20 @@ def build_model(recipe: Recipe, config, on: torch.device, dtype: torch.dtype, se
                 split: list[int] | None = None):
     """The model `pi-lora train` trains, and the benchmarks measure: the base with the rope setting
     in `config`, quantized as the recipe says, LoRA (and trained embed/norm) added, the memory
-    settings applied (narrow 16-bit activations, tiled MLPs), trainable weights in fp32."""
+    settings applied (layers checkpointed, narrow 16-bit activations, tiled MLPs and attention
+    blocks), trainable weights in fp32."""
     m = recipe.model
     try:
         base = model.load_base(m, config, on, split=split)
-        net = model.add_lora(base, recipe.lora, m.gradient_checkpointing)
+        net = model.add_lora(base, recipe.lora, settings.gradient_checkpointing)
     except torch.OutOfMemoryError:
         raise OutOfMemory(f"out of memory loading the base {m.base} ({m.quant}); try model.quant nf4.") from None
     memory.narrow(net, dtype)
     kernels.apply(net, recipe.train.kernels, on)  # after peft and narrow, before the MLP tiling wraps mlp.forward
     if settings.mlp_tile:
         memory.tile_mlps(net, settings.mlp_tile)
+    if settings.attention_tile:
+        memory.tile_attention(net, settings.attention_tile)
     for x in trainable(net).values():  # AdamW updates of ~lr vanish in 16-bit weights; autocast handles compute
         x.data = x.data.float()
     return net

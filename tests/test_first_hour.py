@@ -169,7 +169,8 @@ def test_recipe_keeps_auto_and_the_run_records_what_was_resolved(validated_run):
     saved = yaml.safe_load((validated_run / run.RECIPE).read_text())
     assert saved["train"]["mlp_tile"] == "auto" and saved["train"]["offload_activations"] == "auto"
     meta = json.loads((validated_run / run.META).read_text())
-    assert meta["resolved"] == {"mlp_tile": 0, "offload_activations": False}
+    assert meta["resolved"] == {"gradient_checkpointing": 0, "mlp_tile": 0, "attention_tile": 0,
+                                "offload_activations": False}
     assert meta["adapter_step"] == 6
 
 

@@ -95,3 +95,76 @@ def test_narrow_changes_nothing_in_fp32(tiny_base):
     before = {n: p.dtype for n, p in net.named_parameters()}
     assert memory.narrow(net, torch.float32) == 0
     assert {n: p.dtype for n, p in net.named_parameters()} == before
+
+
+def attention_net(folder, compute, tile, checkpointing=True):
+    """LoRA on every linear, embeddings and norms trained, LoRA B non-zero; the attention block tiled."""
+    recipe = Recipe.model_validate({"model": {"base": str(folder), "quant": "none", "compute_dtype": compute},
+                                    "lora": {"rank": 4, "target_modules": "all-linear", "trainable": ["embed", "norm"]},
+                                    "train": {"mlp_tile": 0, "attention_tile": tile,
+                                              "gradient_checkpointing": checkpointing}})
+    on = torch.device("cpu")
+    dtype = model.compute_dtype(compute, on)
+    torch.manual_seed(0)
+    net = train.build_model(recipe, model.load_config(str(folder)), on, dtype,
+                            plan.Settings.of(recipe, dtype.itemsize)).train()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return net, dtype
+
+
+def loss_and_grads(net, dtype, ids):
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
+    with autocast:
+        value = net(input_ids=ids, labels=ids).loss
+    value.backward()
+    return value.detach(), {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("compute,tile", [("fp32", 1), ("fp32", 16), ("fp32", 50), ("bf16", 16)])
+def test_tiled_attention_equals_plain(tiny_base, compute, tile):
+    ids = torch.randint(0, 500, (2, 50), generator=torch.Generator().manual_seed(3))
+    plain, dtype = attention_net(tiny_base, compute, 0)
+    config = plain.config
+    assert config.num_key_value_heads < config.num_attention_heads  # grouped KV heads
+    want, want_grads = loss_and_grads(plain, dtype, ids)
+    tiled, _ = attention_net(tiny_base, compute, tile)
+    got, got_grads = loss_and_grads(tiled, dtype, ids)
+    tol = dict(rtol=1e-5, atol=1e-6) if compute == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got, want, **tol)
+    assert want_grads.keys() == got_grads.keys()
+    assert any("embed_tokens" in n for n in want_grads) and any("layernorm" in n for n in want_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, **tol, msg=name)
+
+
+def test_tiled_attention_runs_tiles(tiny_base):
+    """The tiles are real: the q projection sees `tile` positions at a time, and the layer is still checkpointed."""
+    net, dtype = attention_net(tiny_base, "fp32", 16)
+    seen = []
+    q = net.get_base_model().model.layers[0].self_attn.q_proj
+    q.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    loss_and_grads(net, dtype, torch.randint(0, 500, (1, 40)))
+    # forward, the layer's recompute, then each tile's recompute as backward reaches it (last first)
+    assert seen == [16, 16, 8, 16, 16, 8, 8, 16, 16]
+
+
+@pytest.mark.parametrize("checkpointed", [0, 1, 2])
+def test_partial_checkpointing_recomputes_only_the_first_layers(tiny_base, checkpointed):
+    ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(4))
+    full, dtype = attention_net(tiny_base, "fp32", 0, True)
+    want, want_grads = loss_and_grads(full, dtype, ids)
+    for tile in (0, 8):
+        net, _ = attention_net(tiny_base, "fp32", tile, checkpointed)
+        calls = []
+        for i, layer in enumerate(net.get_base_model().model.layers):
+            # a pre-hook: a recompute stops early, once it has what backward needs, before the MLP returns
+            layer.mlp.register_forward_pre_hook(lambda module, args, i=i: calls.append(i))
+        got, grads = loss_and_grads(net, dtype, ids)
+        assert calls.count(0) == (2 if checkpointed >= 1 else 1)  # a checkpointed layer runs again in backward
+        assert calls.count(1) == (2 if checkpointed >= 2 else 1)
+        torch.testing.assert_close(got, want)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
