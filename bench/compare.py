@@ -225,7 +225,6 @@ TINY_SHAPES = {"7b": llama.TINY, "8b": {**llama.TINY, "num_key_value_heads": 2, 
 KEYS = {"loss_chunk": "train.loss_chunk", "mlp_tile": "train.mlp_tile",
         "offload_activations": "train.offload_activations", "attention_tile": "train.attention_tile",
         "gradient_checkpointing": "train.gradient_checkpointing", "gpu_mem": "train.gpu_mem"}
-BEFORE = {"train.gradient_checkpointing": "model.gradient_checkpointing"}  # its old place (a bool there)
 LORA = {"rank": 8, "alpha": 16.0, "target_modules": list(llama.TARGETS)}
 LONG_LENGTHS = (16384, 32768, 65536, 131072)
 LONG_METHODS = ("usual", "fastest-24", "fastest-80", "lowest", "unsloth")
@@ -240,29 +239,13 @@ BASE_WRITE = 25.0
 KERNELS_CHECK = 60.0  # two 2-layer bases, four model builds, the op checks
 
 
-def recipe_exists(dotted: str) -> bool:
-    from pi_lora.recipe import Recipe
-
-    section, key = dotted.split(".")
-    field = Recipe.model_fields.get(section)
-    return field is not None and key in field.annotation.model_fields
-
-
-def recipe_values(values: dict) -> tuple[dict, list[str]]:
-    """Settings by name -> the nested recipe values this build accepts, and the keys it lacks."""
-    tree, missing = {}, []
+def recipe_values(values: dict) -> dict:
+    """Settings by name -> the nested recipe values."""
+    tree = {}
     for name, value in values.items():
-        dotted = KEYS[name]
-        if not recipe_exists(dotted):
-            old = BEFORE.get(dotted)
-            if old and recipe_exists(old) and isinstance(value, bool):
-                dotted = old
-            else:
-                missing.append(dotted)
-                continue
-        section, key = dotted.split(".")
+        section, key = KEYS[name].split(".")
         tree.setdefault(section, {})[key] = value
-    return tree, missing
+    return tree
 
 
 def method_values(method: str, cuda: bool, chunk: int, tile: int) -> dict:
@@ -301,14 +284,13 @@ def plan_figures(cuda: bool = True) -> list[str]:
     lines = ["| shape | setting | longest in 24 GiB | longest in 80 GiB | peak at 524,288 (GiB) |", "|---|---|---|---|---|"]
     for key, config in SHAPES.items():
         for label, method in (("fastest that fits", "fastest-80"), ("lowest memory", "lowest")):
-            tree, missing = recipe_values(method_values(method, cuda, 4096, 4096))
+            tree = recipe_values(method_values(method, cuda, 4096, 4096))
             recipe, shape = planned_recipe(config, tree, 524288)
             s = plan.Settings.of(recipe, 2)
             auto = plan.auto_keys(recipe.train)
             longest = [plan.max_length(shape, s, b, cuda, auto) for b in BUDGETS.values()]
             e, _ = plan.fit(shape, s, BUDGETS["80"], cuda, auto)
-            note = f" (without {', '.join(missing)}: not in this build)" if missing else ""
-            lines.append(f"| {SHAPE_NAMES[key]} | {label}{note} | {longest[0]:,} | {longest[1]:,} | {e.peak / GIB:.1f} |")
+            lines.append(f"| {SHAPE_NAMES[key]} | {label} | {longest[0]:,} | {longest[1]:,} | {e.peak / GIB:.1f} |")
     return lines
 
 
@@ -366,13 +348,11 @@ def long_row(r: dict, cuda: bool) -> str:
     return name + f"| {r['peak'] / GIB:.2f} | {plan_cell(r)} | {reserved} | {step:.2f} | {r['length'] / step:,.0f} |"
 
 
-def settings_text(chosen: dict, explicit: dict, missing: list[str]) -> str:
+def settings_text(chosen: dict, explicit: dict) -> str:
     flat = {f"{s}.{k}": v for s, kv in explicit.items() for k, v in kv.items() if k != "gpu_mem"}
     text = ", ".join(f"{k.split('.')[1]} {v}" for k, v in flat.items())
     if chosen:
         text += " (plan: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) + ")"
-    if missing:
-        text += f"; without {', '.join(missing)} (not in this build)"
     return text
 
 
@@ -450,9 +430,9 @@ def suite_long(args, cuda: bool) -> None:
                     write_tokenizer(folders[shape], shapes[shape]["vocab_size"])
                 r |= unsloth_point(folders[shape], length, steps, site)
             else:
-                tree, missing = recipe_values(method_values(method, cuda, chunk, tile))
+                tree = recipe_values(method_values(method, cuda, chunk, tile))
                 explicit, chosen, d = resolve(shapes[shape], tree, length, cuda)
-                r["settings"] = settings_text(chosen, explicit, missing)
+                r["settings"] = settings_text(chosen, explicit)
                 if not d.fits:
                     r |= {"status": "no fit", "error": f"the plan needs {d.estimate.needs / GIB:.1f} GiB",
                           "planned": d.estimate.peak}

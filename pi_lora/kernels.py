@@ -139,4 +139,5 @@ def with_rope(attention, rope) -> bool:
                               function.__closure__)
     copy.__kwdefaults__ = function.__kwdefaults__
     attention.forward = types.MethodType(copy, attention)
+    attention.apply_rotary_pos_emb = rope  # what memory.tile_attention's tiles call in place of the forward
     return True

@@ -78,12 +78,13 @@ def _tiled_layer(layer, untiled, tile: int):
                                                           eager_attention_forward)
 
     attn = layer.self_attn
+    rope = getattr(attn, "apply_rotary_pos_emb", apply_rotary_pos_emb)  # train.kernels may have set one
 
     def qkv(x, cos, sin):  # position-wise up to the attention core
         x = layer.input_layernorm(x)
         shape = (*x.shape[:-1], -1, attn.head_dim)
         q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = rope(q, k, cos, sin)
         return q, k, v
 
     def out(o, residual):  # position-wise after it: o_proj, the residual add, the post-attention norm

@@ -117,6 +117,7 @@ class Settings:
     offload_activations: bool = False
     gpus: int = 1
     shards: int = 1  # processes sharing the model (model.shard under torchrun)
+    replicas: int = 1  # processes each holding the whole model (data parallel under torchrun)
 
     @classmethod
     def of(cls, recipe, compute_bytes: int, processes: int = 1) -> Settings:
@@ -130,7 +131,7 @@ class Settings:
             loss_chunk=t.loss_chunk, mlp_tile=t.mlp_tile if isinstance(t.mlp_tile, int) else 0,
             attention_tile=t.attention_tile if isinstance(t.attention_tile, int) else 0,
             offload_activations=t.offload_activations is True, gpus=recipe.model.gpus,
-            shards=processes if recipe.model.shard else 1,
+            shards=processes if recipe.model.shard else 1, replicas=1 if recipe.model.shard else processes,
         )
 
 
@@ -232,6 +233,8 @@ def estimate(shape: Shape, s: Settings, cuda: bool = True) -> Estimate:
         (2 * shape.layers + 1) * shape.hidden if "norm" in s.trainable else 0)
     if extra:
         t["trained embed/norm copies, gradients, AdamW"] = float(extra * ADAM)
+    if s.replicas > 1:  # DDP's gradients become views into its buckets only at the end of the first backward
+        t["DDP first step: gradients beside their buckets"] = float((lora_params(shape, s) + extra) * 4)
     loading = 0.0
     if s.shards > 1:  # FSDP2: 1/shards of each at rest; gathered whole while in use
         loading = sum(w.values()) + shape.vocab * shape.hidden * 4 * (1 if shape.tied else 2)  # + k-bit fp32 upcast

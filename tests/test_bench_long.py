@@ -13,28 +13,24 @@ sys.path[:0] = [str(BENCH)]
 import compare  # noqa: E402
 
 
-def test_settings_go_to_the_keys_this_build_has(monkeypatch):
-    tree, missing = compare.recipe_values({"loss_chunk": 4096, "mlp_tile": "auto", "gpu_mem": "24GiB"})
-    assert tree == {"train": {"loss_chunk": 4096, "mlp_tile": "auto", "gpu_mem": "24GiB"}} and missing == []
-    # a key the recipe lacks is left out and named; a bool whose key moved goes to its old place
-    monkeypatch.setitem(compare.KEYS, "gradient_checkpointing", "train.no_such_key")
-    monkeypatch.setitem(compare.BEFORE, "train.no_such_key", "model.gradient_checkpointing")
-    tree, missing = compare.recipe_values({"gradient_checkpointing": True, "attention_tile": 4096})
-    has_tile = compare.recipe_exists("train.attention_tile")
-    assert tree.get("model") == {"gradient_checkpointing": True}
-    assert missing == ([] if has_tile else ["train.attention_tile"])
-    tree, missing = compare.recipe_values({"gradient_checkpointing": "auto"})
-    assert tree == {} and missing == ["train.no_such_key"]  # "auto" cannot go where only a bool fits
+def test_settings_go_to_their_recipe_keys():
+    tree = compare.recipe_values({"loss_chunk": 4096, "mlp_tile": "auto", "gpu_mem": "24GiB",
+                                  "gradient_checkpointing": "auto", "attention_tile": 1024})
+    assert tree == {"train": {"loss_chunk": 4096, "mlp_tile": "auto", "gpu_mem": "24GiB",
+                              "gradient_checkpointing": "auto", "attention_tile": 1024}}
+    from pi_lora.recipe import Recipe
+
+    Recipe.model_validate({"model": {"base": "x"}, "rope": {"target_len": 1024}, **tree})  # every key exists
 
 
 def test_the_plan_resolves_auto_for_the_budget():
-    tree, _ = compare.recipe_values(compare.method_values("fastest-24", True, 4096, 4096))
+    tree = compare.recipe_values(compare.method_values("fastest-24", True, 4096, 4096))
     explicit, chosen, d = compare.resolve(compare.SHAPES["7b"], tree, 65536, cuda=True)
     assert d.fits and d.budget == 24 * 2**30
     assert "auto" not in json.dumps(explicit)  # the point computes with the plan's picks
     assert all(explicit["train"][k] == v for k, v in chosen.items())
     assert chosen["mlp_tile"] or chosen["offload_activations"]  # 64k of a 7B needs one of them in 24 GiB
-    tree, _ = compare.recipe_values(compare.method_values("fastest-80", True, 4096, 4096))
+    tree = compare.recipe_values(compare.method_values("fastest-80", True, 4096, 4096))
     assert compare.resolve(compare.SHAPES["7b"], tree, 16384, cuda=True)[1]["mlp_tile"] == 0  # nothing needed
 
 

@@ -100,15 +100,15 @@ def liger(tmp_path, monkeypatch):
     forget_liger()
 
 
-def recipe_for(folder, kernels_choice="none", mlp_tile=0):
+def recipe_for(folder, kernels_choice="none", mlp_tile=0, attention_tile=0):
     return Recipe.model_validate({
         "model": {"base": str(folder), "quant": "none", "compute_dtype": "fp32"},
         "lora": {"rank": 4, "target_modules": "all-linear", "trainable": ["norm"]},
-        "train": {"mlp_tile": mlp_tile, "kernels": kernels_choice}})
+        "train": {"mlp_tile": mlp_tile, "attention_tile": attention_tile, "kernels": kernels_choice}})
 
 
-def build(folder, kernels_choice="none", mlp_tile=0):
-    recipe = recipe_for(folder, kernels_choice, mlp_tile)
+def build(folder, kernels_choice="none", mlp_tile=0, attention_tile=0):
+    recipe = recipe_for(folder, kernels_choice, mlp_tile, attention_tile)
     on = torch.device("cpu")
     settings = plan.Settings.of(recipe, 4)
     torch.manual_seed(0)
@@ -213,6 +213,21 @@ def test_liger_runs_inside_the_mlp_tiles(tiny_base, liger, monkeypatch):
     # the fused MLP runs on the tiles (16, 16, 16 and 2 positions), never on the whole 50
     assert liger["swiglu"] > 0 and sorted(set(LENGTHS)) == [2, 16]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_liger_rope_runs_inside_the_attention_tiles(tiny_base, liger, monkeypatch):
+    monkeypatch.setattr(kernels, "usable", lambda choice, on: choice == "liger")  # as on CUDA
+    ids = torch.randint(0, 500, (1, 50), generator=torch.Generator().manual_seed(3))
+    want, want_grads = loss_and_grads(build(tiny_base, attention_tile=16), ids)
+    assert liger["rope"] == 0
+    net = build(tiny_base, "liger", attention_tile=16)  # kernels first, then the attention tiling
+    got, grads = loss_and_grads(net, ids)
+    layers = net.config.num_hidden_layers
+    # 4 tiles a layer (16, 16, 16, 2), in the forward and again in the checkpoint recomputes
+    assert liger["rope"] >= 4 * layers
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_nothing_global_changes(tiny_base, liger):

@@ -286,6 +286,27 @@ def test_sharding_divides_what_each_process_holds_and_adds_the_gathered_layers()
     assert two.loading < two.peak
 
 
+def test_data_parallel_adds_the_first_steps_gradients_beside_the_buckets():
+    shape, T = llama7b(), 16384
+    for trainable in ((), ("embed", "norm")):
+        one = plan.estimate(shape, plan.Settings(target_len=T, trainable=trainable), cuda=True)
+        two = plan.estimate(shape, plan.Settings(target_len=T, trainable=trainable, replicas=2), cuda=True)
+        lora = 32 * 8 * 4 * (4096 + 4096)  # q/k/v/o at rank 8: A and B of each
+        extra = 32000 * 4096 + 65 * 4096 if trainable else 0
+        # one fp32 gradient per trainable parameter: 32 MiB for q/k/v/o, +0.5 GiB with the embeddings
+        assert two.parts["DDP first step: gradients beside their buckets"] == (lora + extra) * 4
+        assert two.peak == pytest.approx(one.peak + (lora + extra) * 4)
+    sharded = plan.Settings.of(plan_recipe(shard=True), 2, processes=2)
+    assert (sharded.shards, sharded.replicas) == (2, 1)
+    assert plan.Settings.of(plan_recipe(shard=False), 2, processes=2).replicas == 2
+
+
+def plan_recipe(shard: bool):
+    from pi_lora.recipe import Recipe
+
+    return Recipe.model_validate({"model": {"base": "llama-7b", "shard": shard}, "rope": {"target_len": 16384}})
+
+
 def test_a_sharded_base_must_still_load_whole_on_each_gpu():
     sharded = RUNNER.invoke(app, ["plan", "--base", "llama-65b", "--target-len", "16384", "--gpu-mem", "24GiB",
                                   "--shard", "--processes", "4"])
