@@ -164,11 +164,21 @@ def checkpoint_bytes(shape: Shape, s: Settings) -> float:
     return float(s.batch_size * s.target_len * shape.hidden * s.compute_bytes * shape.layers)
 
 
+def dequant_bytes(shape: Shape, s: Settings) -> float:
+    """The one dequantized 4-bit weight a layer's matmuls hold (the largest, an MLP weight)."""
+    return DEQUANT_COPIES * shape.hidden * shape.intermediate * s.compute_bytes if s.quant != "none" else 0
+
+
+def kept_per_layer(shape: Shape, s: Settings) -> float:
+    """What an un-checkpointed layer keeps for its backward: part of its working set, less the weight."""
+    return (layer_bytes(shape, s) - dequant_bytes(shape, s)) * SAVED_FRACTION
+
+
 def layer_bytes(shape: Shape, s: Settings) -> float:
     """One layer's recompute + backward working set."""
     T, h, m, c = s.batch_size * s.target_len, shape.hidden, shape.intermediate, s.compute_bytes
     tile = min(s.mlp_tile, T) if s.mlp_tile else T
-    dequant = DEQUANT_COPIES * h * m * c if s.quant != "none" else 0
+    dequant = dequant_bytes(shape, s)
     block = h * (4 * LAYER_FP32_H + c * LAYER_DT_H)  # per position, the hidden-size tensors
     if s.attention_tile and s.attention_tile < T:
         # over a tile what the untiled block holds over the sequence; over the whole sequence q, k,
@@ -189,9 +199,8 @@ def activations(shape: Shape, s: Settings) -> dict[str, float]:
     """
     T, h, c = s.batch_size * s.target_len, shape.hidden, s.compute_bytes
     layer = layer_bytes(shape, s)
-    dequant = DEQUANT_COPIES * h * shape.intermediate * c if s.quant != "none" else 0
     unchecked = shape.layers - checkpointed(shape, s)
-    saved = (layer - dequant) * SAVED_FRACTION
+    saved = kept_per_layer(shape, s)
     chunk = min(s.loss_chunk, T) if s.loss_chunk else T
     # + the final norm's fp32 internals, its output and that output's gradient
     head = chunk * shape.vocab * LOGIT_BYTES + T * h * (8 + 2 * c)
@@ -256,8 +265,7 @@ def offloaded_bytes(shape: Shape, s: Settings) -> float:
     """What the offload moves to host memory: the checkpointed layer inputs, and everything the
     layers that are not checkpointed save for backward."""
     unchecked = shape.layers - checkpointed(shape, s)
-    dequant = DEQUANT_COPIES * shape.hidden * shape.intermediate * s.compute_bytes if s.quant != "none" else 0
-    return checkpoint_bytes(shape, s) + (layer_bytes(shape, s) - dequant) * SAVED_FRACTION * unchecked
+    return checkpoint_bytes(shape, s) + kept_per_layer(shape, s) * unchecked
 
 
 def gathered(shape: Shape, s: Settings, whole: dict[str, float]) -> float:
@@ -379,8 +387,9 @@ def fit(shape: Shape, s: Settings, budget: float, cuda: bool, auto: set[str]) ->
 def fewest_checkpointed(shape: Shape, s: Settings, budget: float, cuda: bool) -> Estimate:
     """The estimate with the fewest checkpointed layers that fits (all of them when none fits)."""
     low, high = 0, shape.layers  # memory falls with every layer checkpointed: bisect
-    if estimate(shape, replace(s, gradient_checkpointing=high), cuda).needs > budget:
-        return estimate(shape, replace(s, gradient_checkpointing=high), cuda)
+    every = estimate(shape, replace(s, gradient_checkpointing=high), cuda)
+    if every.needs > budget:
+        return every
     while low < high:
         mid = (low + high) // 2
         if estimate(shape, replace(s, gradient_checkpointing=mid), cuda).needs <= budget:
