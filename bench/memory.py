@@ -70,6 +70,8 @@ POINTS = [
     *pair("7b", "bf16", loss_chunk=128, mlp_tile=1024),
     *pair("7b", "bf16", loss_chunk=128, attention_tile=512),
     *pair("7b", "bf16", loss_chunk=128, mlp_tile=1024, attention_tile=512),
+    *pair("7b", "fp32"),
+    *pair("7b", "fp32", loss_chunk=128, mlp_tile=1024, attention_tile=512),
     # shorter: a Llama-3-8B-shaped point takes twice as long on this CPU
     *pair("8b", "bf16", (1024, 2048), loss_chunk=128),
     *pair("8b", "bf16", (1024, 2048), loss_chunk=64, mlp_tile=512, attention_tile=256),

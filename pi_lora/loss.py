@@ -24,10 +24,11 @@ def parts(net):
 
 
 def _head_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+    # a chunk is a slice of positions: as (positions, hidden) rows the head's matmul is one mm, with
+    # no copy of its weight (see memory.foldable)
+    logits = head(hidden.reshape(-1, hidden.shape[-1])).float()
     # the head may sit on another GPU than the ids
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten().to(logits.device),
-                                             reduction="sum")
+    return torch.nn.functional.cross_entropy(logits, targets.flatten().to(logits.device), reduction="sum")
 
 
 class ChunkedLoss(torch.nn.Module):

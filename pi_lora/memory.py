@@ -24,12 +24,30 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def foldable(x: torch.Tensor) -> torch.Tensor:
+    """`x`, a slice of positions, laid out so that torch.matmul runs one matrix multiply on it.
+
+    A slice x[:, i:j] of a batch-1 (1, T, d) tensor is contiguous, but keeps the batch stride of the
+    whole sequence, and torch.matmul (2.13) folds a 3-D input into an mm only when its strides say
+    the leading dims are packed; otherwise it broadcasts the weight into a batched matmul, which on
+    CPU copies the whole (transposed) weight for every call (measured: 1 GiB and 5 s per chunk for a
+    128k-vocabulary LM head, against 0.3 s) and on a GPU is many times slower (pytorch/pytorch#186148).
+    A batch of one is re-viewed with packed strides at no cost; a larger batch's slice is copied, an
+    activation tile far smaller than any weight. Call it inside the checkpointed function, so that
+    what the checkpoint keeps stays a view.
+    """
+    return x[0].unsqueeze(0) if x.shape[0] == 1 else x.contiguous()
+
+
 def tiled(forward, tile: int):
+    def one(x: torch.Tensor) -> torch.Tensor:
+        return forward(foldable(x))
+
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] <= tile:
             return forward(x)
         return torch.cat(
-            [checkpoint(forward, x[:, i : i + tile], use_reentrant=False) for i in range(0, x.shape[1], tile)],
+            [checkpoint(one, x[:, i : i + tile], use_reentrant=False) for i in range(0, x.shape[1], tile)],
             dim=1,
         )
 
@@ -96,7 +114,10 @@ def _tiled_layer(layer, untiled, tile: int):
         n = xs[0].shape[1]
         if n <= tile:
             return fn(*xs)
-        outs = [checkpoint(fn, *(x[:, i : i + tile] for x in xs), use_reentrant=False) for i in range(0, n, tile)]
+        def one(*ts):
+            return fn(*map(foldable, ts))
+
+        outs = [checkpoint(one, *(x[:, i : i + tile] for x in xs), use_reentrant=False) for i in range(0, n, tile)]
         return tuple(torch.cat(parts, dim=dim) for parts, dim in zip(zip(*outs), dims(outs[0])))
 
     def dims(first):  # q/k/v are (batch, heads, positions, head_dim); the rest (batch, positions, ...)

@@ -168,3 +168,37 @@ def test_partial_checkpointing_recomputes_only_the_first_layers(tiny_base, check
         torch.testing.assert_close(got, want)
         for name, grad in want_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def weight_matmuls(net, run) -> list:
+    """The batched matmuls (aten::bmm) `run()` makes with one of `net`'s linear weights as an operand:
+    torch.matmul broadcasts a weight into one only when it cannot fold its input into an mm, and on
+    CPU it then copies the whole weight for every call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pairs = {(m.in_features, m.out_features) for m in net.modules() if isinstance(m, torch.nn.Linear)}
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    return [e.input_shapes for e in prof.events()
+            if e.name == "aten::bmm" and tuple(e.input_shapes[1][-2:]) in pairs]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_slices_of_positions_reach_every_linear_as_one_matmul(tiny_base, batch):
+    """Chunked loss, MLP tiles and attention tiles hand each linear a slice of positions; none of
+    them may turn into a batched matmul over a broadcast weight."""
+    from pi_lora import loss
+
+    recipe = Recipe.model_validate({"model": {"base": str(tiny_base), "quant": "none", "compute_dtype": "fp32"},
+                                    "lora": {"rank": 4, "target_modules": "all-linear"},
+                                    "train": {"mlp_tile": 16, "attention_tile": 16, "loss_chunk": 16}})
+    on = torch.device("cpu")
+    net = train.build_model(recipe, model.load_config(str(tiny_base)), on, torch.float32,
+                            plan.Settings.of(recipe, 4)).train()
+    ids = torch.randint(0, 500, (batch, 40), generator=torch.Generator().manual_seed(5))
+    step = loss.ChunkedLoss(net, 16)
+    assert weight_matmuls(net, lambda: step(ids).backward()) == []
+    # the oracle can fail: a slice of positions of a batch-1 tensor, as the chunks were handed over before
+    head = loss.parts(net)[1]
+    sliced = torch.randn(1, 40, head.in_features)[:, 8:24]
+    assert weight_matmuls(net, lambda: head(sliced)) != []
