@@ -16,7 +16,11 @@
 #
 # Settings (environment): PY (.venv/bin/python: whose package versions are bundled), PY_VERSION
 # (the CUDA machine's Python: 3.12), PACKAGES (default: pi-lora's dependencies that a PyTorch CUDA
-# image with transformers and accelerate usually lacks, with theirs), KJV (../shared/data/kjv-books.jsonl).
+# image with transformers and accelerate usually lacks, with theirs), KJV (../shared/data/kjv-books.jsonl),
+# BNB_CUDA (the CUDA versions whose bitsandbytes library is kept: "130 132", CUDA 13 torch builds;
+# "all" keeps every one). The wheels are trimmed to what runs there: bitsandbytes' libraries for
+# other CUDA, ROCm and XPU versions (36 of its 43 MB), unsloth's web UI (studio/, 25 of its 29 MB),
+# so that the wheels fit in a small transfer (about 30 MB in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -27,6 +31,7 @@ PACKAGES=${PACKAGES:-bitsandbytes pydantic pydantic_core annotated-types typing-
 # pinned, not taken from .venv: neither is installed there (unsloth patches transformers on import).
 # unsloth 2026.10.9 wants transformers <= 5.17.0, datasets < 5 and trl <= 1.15: those go beside it.
 EXTRA_SPECS=${EXTRA_SPECS:-liger-kernel==0.8.5}
+BNB_CUDA=${BNB_CUDA:-130 132}
 UNSLOTH_SPECS=${UNSLOTH_SPECS:-unsloth==2026.10.9 unsloth_zoo==2026.10.9 transformers==5.17.0 trl==1.15.0 \
   datasets==4.8.4 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 shtab==1.13.0 cut_cross_entropy==25.1.1 \
   einops==0.8.2 msgspec==0.23.0 nest_asyncio==1.6.0 json5==0.17.3 structlog==26.1.0 hf_transfer==0.1.9 \
@@ -62,6 +67,25 @@ copy_wheels() {  # DEST SPECS...: exactly one wheel per package (two versions of
   done
 }
 
+trim() {  # WHEEL GLOB...: drop the members matching a GLOB (but none matching a !GLOB), and their RECORD lines
+  $PY - "$@" <<'PY'
+import fnmatch, os, sys, zipfile
+wheel, globs = sys.argv[1], sys.argv[2:]
+keep = [g[1:] for g in globs if g.startswith("!")]
+drop = lambda name: any(fnmatch.fnmatch(name, g) for g in globs if g[0] != "!") and not any(
+    fnmatch.fnmatch(name, g) for g in keep)
+with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(wheel + ".tmp", "w", zipfile.ZIP_DEFLATED) as dst:
+    for item in src.infolist():
+        if drop(item.filename):
+            continue
+        data = src.read(item)
+        if item.filename.endswith(".dist-info/RECORD"):
+            data = b"".join(l for l in data.splitlines(True) if not drop(l.split(b",")[0].decode()))
+        dst.writestr(item, data)
+os.replace(wheel + ".tmp", wheel)
+PY
+}
+
 read -r -a extra <<< "$EXTRA_SPECS"
 read -r -a unsloth <<< "$UNSLOTH_SPECS"
 echo "== wheels for Python $PY_VERSION, x86_64: ${specs[*]} ${extra[*]}"
@@ -70,6 +94,12 @@ copy_wheels .gpu/wheels "${specs[@]}" "${extra[@]}"
 echo "== unsloth's wheels: ${unsloth[*]}"
 download "${unsloth[@]}"
 copy_wheels .gpu/unsloth-wheels "${unsloth[@]}"
+if [ "$BNB_CUDA" != all ]; then
+  keep=(); for v in $BNB_CUDA; do keep+=("!bitsandbytes/libbitsandbytes_cuda$v.so"); done
+  trim .gpu/wheels/bitsandbytes-*.whl 'bitsandbytes/libbitsandbytes_cuda*.so' 'bitsandbytes/libbitsandbytes_rocm*.so' \
+    'bitsandbytes/libbitsandbytes_xpu*.so' "${keep[@]}"
+fi
+ls .gpu/unsloth-wheels/unsloth-[0-9]*.whl >/dev/null 2>&1 && trim .gpu/unsloth-wheels/unsloth-[0-9]*.whl 'studio/*'
 
 if [ -f "$KJV" ]; then
   gzip -9c "$KJV" > .gpu/kjv-books.jsonl.gz

@@ -369,7 +369,7 @@ def plan(
              f"batch {resolved.train.batch_size}")
     console.print(planner.table(decision, title))
     s = decision.estimate.settings
-    chosen = ", ".join(f"{k} {v}" for k, v in planner.resolved(shape, s).items())
+    chosen = planner.spell(shape, planner.resolved(shape, s))
     console.print(f"settings: loss_chunk {s.loss_chunk}, {chosen}"
                   + (f" (auto: {', '.join(decision.chosen)})" if decision.chosen else ""))
     if m.gpus > 1:

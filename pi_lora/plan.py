@@ -480,6 +480,16 @@ def resolved(shape: Shape, s: Settings) -> dict:
             "attention_tile": s.attention_tile, "offload_activations": s.offload_activations}
 
 
+def spell(shape: Shape, values: dict) -> str:
+    """Settings as a recipe spells them, for printing: a checkpointed-layer count is `true` when it
+    is every layer, `false` when none, and otherwise says of how many."""
+    def one(key, v):
+        if key == "gradient_checkpointing" and not isinstance(v, bool):
+            return "true" if v >= shape.layers else "false" if v == 0 else f"{v} (of {shape.layers} layers)"
+        return str(v).lower() if isinstance(v, bool) else v
+    return ", ".join(f"{k} {one(k, v)}" for k, v in values.items())
+
+
 def refusal(d: Decision, shape: Shape, auto: set[str]) -> str:
     """Why a run cannot fit, and what would make it fit."""
     e, s = d.estimate, d.estimate.settings

@@ -130,7 +130,7 @@ def describe(p: Prepared, console: Console) -> None:
         console.print(f"[bold]validation[/]: {len(p.validation)} held-out sequences of {pi.target_len} tokens, "
                       f"every {t.eval_every or t.steps} steps and at the end")
     d = p.memory
-    chosen = ", ".join(f"{k} {v}" for k, v in d.chosen.items()) or "none"
+    chosen = planner.spell(planner.Shape.of(p.config), d.chosen) or "none"
     console.print(
         f"[bold]memory[/]: planned peak {d.estimate.peak / planner.GiB:.2f} GiB per device, needs "
         f"{d.estimate.needs / planner.GiB:.2f} of {d.budget / planner.GiB:.1f} GiB (auto settings: {chosen}; "

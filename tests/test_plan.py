@@ -221,7 +221,15 @@ def test_plan_command_offline(monkeypatch):
     result = RUNNER.invoke(app, ["plan", "--base", "llama-7b", "--target-len", "32768", "--gpu-mem", "16GiB"])
     assert result.exit_code == 0, result.output
     assert "checkpointed layer inputs" in result.output and "fits" in result.output
-    assert "offload_activations True (auto:" in result.output and "gradient_checkpointing 32" in result.output
+    assert "offload_activations true (auto:" in result.output and "gradient_checkpointing true," in result.output
+
+
+def test_settings_are_printed_as_a_recipe_spells_them():
+    shape = plan.Shape.of(model.plan_config("llama-7b"))
+    values = {"gradient_checkpointing": 32, "mlp_tile": 0, "offload_activations": False}
+    assert plan.spell(shape, values) == "gradient_checkpointing true, mlp_tile 0, offload_activations false"
+    assert plan.spell(shape, {"gradient_checkpointing": 27}) == "gradient_checkpointing 27 (of 32 layers)"
+    assert plan.spell(shape, {"gradient_checkpointing": 0}) == "gradient_checkpointing false"
 
 
 def test_plan_command_refuses_with_the_reason():
