@@ -74,6 +74,8 @@ POINTS = [
     *pair("7b", "fp32", loss_chunk=128, mlp_tile=1024, attention_tile=512),
     # shorter: a Llama-3-8B-shaped point takes twice as long on this CPU
     *pair("8b", "bf16", (1024, 2048), loss_chunk=128),
+    *pair("8b", "bf16", (1024, 2048), loss_chunk=64, mlp_tile=512),
+    *pair("8b", "bf16", (1024, 2048), loss_chunk=64, attention_tile=256),
     *pair("8b", "bf16", (1024, 2048), loss_chunk=64, mlp_tile=512, attention_tile=256),
 ]
 
@@ -174,26 +176,30 @@ def main() -> None:
 
 # what the table can and cannot show, written under it
 NOTE = """Read with care: the plan's activation constants (`pi_lora/plan.py`) were fitted to these points
-(SAVED_FRACTION to the un-checkpointed rows, ATTN_WHOLE_H to the attention-tiled ones, the rest to an
-earlier set), so the agreement shows that one set of constants, with the form derived from what each
-op saves, holds across lengths, chunking, tiling, partial checkpointing, both shapes and both compute
-dtypes; it is not an independent test. The independent check is `bench/compare.py` on a GPU, where
-the peaks per component differ (CUDA kernels, bitsandbytes' CUDA dequantization, the caching
-allocator). Per-token rows compare only points whose peak is in the same phase at both lengths (the
-tiled points chunk the loss finer for that). Memory does not depend on the number of threads.
+(SAVED_FRACTION to the un-checkpointed rows, the attention block's and the MLP's constants to the
+per-token rows of both shapes, the whole-sequence ones to the rows with both tiles on), so the
+agreement shows that one set of constants, with the form derived from what each op saves, holds
+across lengths, chunking, tiling, partial checkpointing, both shapes (their grouped KV heads and
+MLP widths differ) and both compute dtypes; it is not an independent test. The independent check is
+`bench/compare.py` on a GPU, where the peaks per component differ (CUDA kernels, bitsandbytes' CUDA
+dequantization, the caching allocator). Per-token rows compare only points whose peak is in the
+same phase at both lengths (the tiled points chunk the loss finer for that). Memory does not depend
+on the number of threads.
 
-Since the previous measurement the loss became one backward (`pi_lora/loss.ChunkedLoss`): the rows
-that exist in both are 0.03 GiB lower at 2,048 and 0.06 GiB lower at 4,096 (bf16), which is the
-detached copy of the final hidden states and its gradient the two-backward loss held through the
-decoder's backward (2 x T x 4096 x 2 bytes).
+The form the rows pin down: a layer's recompute + backward holds what its attention block saved,
+plus the larger of two phases that follow each other, the MLP's backward and the attention block's,
+not their sum. Untiled, the MLP's is the larger; tiling the MLP leaves the attention block's (the
+gradients of k and v: smaller with grouped KV heads, which is why the Llama-3-8B MLP-tiled slope is
+lower than LLaMA-7B's); tiling both leaves only what the attention block keeps of the whole sequence.
+So tiling both removes more than tiling each would suggest: 81 KiB a token on LLaMA-7B, against 174
+and 172 with one of them.
 
-Open: on the Llama-3-8B shape the step measures about 0.7 GiB more than the plan at 1,024 tokens,
-while its weights load as planned (`loaded` in `--save`'s JSON); something that scales with the
-128k vocabulary or the grouped KV heads is not counted yet. The LLaMA-7B rows do not show it.
-With both the MLP and the attention block tiled the plan's slope is above the measured one (the
-rows agree within a few percent): ATTN_WHOLE_H is fitted to the attention-only rows, and kept there
-so that the long-sequence figures below err on the large side. Not measured here: fp32 tiled rows and
-the tiled Llama-3-8B pair (they did not fit the time this run had)."""
+These rows were measured after a fix they led to: the chunked LM head and the MLP and attention
+tiles handed each linear a slice of positions whose batch stride was the whole sequence's, which
+torch.matmul does not fold into one matrix multiply; it broadcast the weight into a batched one,
+which on a CPU copies the whole weight per call. The Llama-3-8B-shaped step at 1,024 tokens took
+107 s and peaked at 3.36 GiB (0.7 GiB over the plan: its 128k-vocabulary head copied per chunk);
+now 17 s and 2.66 GiB. Offload is not measured here (on a CPU it moves nothing)."""
 
 
 def long_plan() -> str:

@@ -40,27 +40,34 @@ ADAM = 4 + 4 + 8  # fp32 weight, its gradient, two moments
 # backward its incoming and outgoing gradients (a 16-bit head output is freed before the peak:
 # measured 10.8 bytes a logit in bf16, bench/memory.py).
 LOGIT_BYTES = 12
-# One layer's recompute + backward, per token. Hidden-size tensors: the RMSNorms compute in fp32
-# (their internals and the hidden-state gradient), the rest (q/k/v before and after RoPE, attention
-# output, o_proj/down_proj outputs, LoRA input copies) in the compute dtype. MLP-size tensors: gate,
-# up and silu(gate) kept for backward, their gradients; in fp32 the product too. Counted from what
-# each op saves, then fitted to the peaks bench/memory.py measures (docs/benchmarks.md); 2 fewer in
-# the compute dtype since the loss is one backward (no detached final hidden state and gradient).
-LAYER_FP32_H, LAYER_DT_H = 8.75, 1.75
-LAYER_M_BYTES = {4: 17.5, 2: 5.8}  # bytes per MLP unit per token, by compute dtype
-# With the attention block tiled (memory.tile_attention), the hidden-size tensors of the whole
-# sequence, in the compute dtype, besides q/k/v and their gradients: the attention output and its
-# gradient, the normed residual the MLP reads, and the gradients of the layer's input and output.
-# Counted, then fitted to the attention-tiled rows of bench/memory.py.
-ATTN_WHOLE_H = 5.0
+# One layer's recompute + backward, per token, in three parts (bench/memory.py measures each
+# technique's slope on two shapes; docs/benchmarks.md): what the attention block saves for its
+# backward, live through the whole backward of the layer; then two phases that follow each other,
+# the MLP's backward and the attention block's, whose transient tensors never coexist.
+# Saved by the attention block: the two RMSNorms' fp32 internals (ATTN_SAVED_FP32_H hidden-size
+# vectors in fp32), ATTN_SAVED_DT_H hidden-size vectors in the compute dtype (q, the attention
+# output and its copy, the normed residual the MLP reads) and ATTN_SAVED_KV copies of k and v
+# (grouped KV heads make these smaller). The attention block's backward: ATTN_GRAD_KV more copies of
+# k and v (their gradients). The MLP's phase: LAYER_M_BYTES per MLP unit (gate, up, silu(gate), their
+# product and the gradients, in the compute dtype; 2 bytes each for bf16, 4 for fp32). Counted from
+# what each op saves, then fitted to the LLaMA-7B and Llama-3-8B slopes in bf16 and fp32.
+ATTN_SAVED_FP32_H, ATTN_SAVED_DT_H, ATTN_SAVED_KV, ATTN_GRAD_KV = 4.2, 3.3, 1.65, 2.35
+LAYER_M_BYTES = {4: 16.8, 2: 8.4}  # bytes per MLP unit per token, by compute dtype
+# With the attention block tiled (memory.tile_attention), what it saves over the whole sequence, in
+# the compute dtype: q, k and v (ATTN_WHOLE_QKV copies: SDPA's inputs) and ATTN_WHOLE_H hidden-size
+# vectors (the attention output and its contiguous copy, the normed residual, the o-projection
+# input the tiles read); its backward then holds one tile's untiled working set at a time. Fitted to
+# the rows with both tiles on (LLaMA-7B and Llama-3-8B, whose q/k/v widths differ).
+ATTN_WHOLE_H, ATTN_WHOLE_QKV = 4.5, 1.23
 # Without checkpointing, the part of a layer's working set its forward keeps for backward (fitted to
 # the un-checkpointed rows of bench/memory.py, one layer or both unchecked: 0.69-0.75).
 SAVED_FRACTION = 0.7
 # bitsandbytes dequantizes a 4-bit weight for each matmul: the largest one, forward and backward.
 DEQUANT_COPIES = 1
-# CPU only: what the libraries allocate beside the tensors (measured: 0.09 GiB). On a GPU the
-# CUDA context and allocator slack, which are not in max_memory_allocated, take its place.
-CPU_RUNTIME = 0.09 * GiB
+# CPU only: what the libraries allocate beside the tensors (measured alone: 0.09 GiB; 0.13 fits the
+# rows of bench/memory.py). On a GPU the CUDA context and allocator slack, which are not in
+# max_memory_allocated, take its place.
+CPU_RUNTIME = 0.13 * GiB
 # GPU only: the CUDA context and allocator slack are not in max_memory_allocated.
 CUDA_RESERVE = 0.8 * GiB
 CUDA_SLACK = 0.05
@@ -174,20 +181,28 @@ def kept_per_layer(shape: Shape, s: Settings) -> float:
     return (layer_bytes(shape, s) - dequant_bytes(shape, s)) * SAVED_FRACTION
 
 
+def attention_bytes(shape: Shape, s: Settings, positions: int) -> tuple[float, float]:
+    """What the untiled attention block over `positions` saves for its backward, and what its
+    backward adds."""
+    h, kv, c = shape.hidden, shape.kv_heads * shape.head_dim, s.compute_bytes
+    saved = positions * (h * (4 * ATTN_SAVED_FP32_H + c * ATTN_SAVED_DT_H) + c * ATTN_SAVED_KV * 2 * kv)
+    return saved, positions * c * ATTN_GRAD_KV * 2 * kv
+
+
 def layer_bytes(shape: Shape, s: Settings) -> float:
-    """One layer's recompute + backward working set."""
+    """One layer's recompute + backward working set: what the attention block saves, plus the larger
+    of the MLP's backward and the attention block's (one follows the other), plus the dequantized weight."""
     T, h, m, c = s.batch_size * s.target_len, shape.hidden, shape.intermediate, s.compute_bytes
-    tile = min(s.mlp_tile, T) if s.mlp_tile else T
-    dequant = dequant_bytes(shape, s)
-    block = h * (4 * LAYER_FP32_H + c * LAYER_DT_H)  # per position, the hidden-size tensors
+    mlp = (min(s.mlp_tile, T) if s.mlp_tile else T) * m * LAYER_M_BYTES.get(c, 16.8)
     if s.attention_tile and s.attention_tile < T:
-        # over a tile what the untiled block holds over the sequence; over the whole sequence q, k,
-        # v and their gradients, and ATTN_WHOLE_H more hidden-size tensors
+        # q, k, v and ATTN_WHOLE_H more vectors of the whole sequence; then one tile's recompute and
+        # backward at a time
         q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-        hidden = s.attention_tile * block + T * c * (ATTN_WHOLE_H * h + 2 * (q + 2 * kv))
+        saved = T * c * (ATTN_WHOLE_H * h + ATTN_WHOLE_QKV * (q + 2 * kv))
+        grad = sum(attention_bytes(shape, s, s.attention_tile))
     else:
-        hidden = T * block
-    return hidden + tile * m * LAYER_M_BYTES.get(c, 17.5) + dequant
+        saved, grad = attention_bytes(shape, s, T)
+    return saved + max(mlp, grad) + dequant_bytes(shape, s)
 
 
 def activations(shape: Shape, s: Settings) -> dict[str, float]:
@@ -207,6 +222,8 @@ def activations(shape: Shape, s: Settings) -> dict[str, float]:
     parts = {"checkpointed layer inputs": 0.0 if s.offload_activations else checkpoint_bytes(shape, s)}
     if unchecked > 1:
         parts[f"kept by {unchecked - 1} more un-checkpointed layers"] = 0.0 if s.offload_activations else saved * (unchecked - 1)
+    if s.offload_activations:  # the input of the layer being recomputed is back on the device
+        layer += checkpoint_bytes(shape, s) / shape.layers
     return parts | {
         "one layer's recompute + backward": float(layer),
         # with the last layer unchecked, what it keeps is live while the head runs
@@ -324,6 +341,9 @@ AUTO = ("gradient_checkpointing", "mlp_tile", "attention_tile", "offload_activat
 # A step's cost in matmul FLOPs; an offloaded byte costs what the device computes while it crosses
 # the host link twice (out and back): ~400 TFLOP/s of 16-bit matmuls over ~25 GB/s.
 FLOPS_PER_BYTE = 16_000
+# The cost counts matmul FLOPs, not the launches and copies each tile adds: more tiling or an
+# offload must be this much cheaper by that count to be picked over a simpler setting.
+MARGIN = 0.01
 
 
 def cost(shape: Shape, s: Settings) -> float:
@@ -359,8 +379,9 @@ def fit(shape: Shape, s: Settings, budget: float, cuda: bool, auto: set[str]) ->
     """The fastest settings (by `cost`) that fit `budget`, changing only the settings in `auto`.
 
     For each combination of tiles and offload, the fewest checkpointed layers that fit (when
-    gradient_checkpointing is auto; memory falls as layers are checkpointed, time rises). Returns the
-    estimate and the settings changed; when nothing fits, the smallest estimate.
+    gradient_checkpointing is auto; memory falls as layers are checkpointed, time rises). A
+    combination later in the order of preference replaces an earlier one only if it is MARGIN
+    cheaper. Returns the estimate and the settings changed; when nothing fits, the smallest estimate.
     """
     best, smallest = None, None
     for combo in candidates(s, cuda, auto):
@@ -377,7 +398,7 @@ def fit(shape: Shape, s: Settings, budget: float, cuda: bool, auto: set[str]) ->
             e = estimate(shape, trial, cuda)
         if smallest is None or e.needs < smallest[0].needs:
             smallest = (e, combo)
-        if e.needs <= budget and (best is None or cost(shape, e.settings) < cost(shape, best[0].settings)):
+        if e.needs <= budget and (best is None or cost(shape, e.settings) < cost(shape, best[0].settings) * (1 - MARGIN)):
             best = (e, combo)
     e, combo = best or smallest
     before = resolved(shape, s)

@@ -3,13 +3,16 @@ from pathlib import Path
 
 import pytest
 
+# Before any test module is collected: huggingface_hub reads HF_HUB_OFFLINE once, at its import,
+# which collecting a module that imports pi_lora.cli already does.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_home(tmp_path_factory):
     """Keep the demo base and token caches of the tests out of the user's home."""
     home = tmp_path_factory.mktemp("pi-lora-home")
     os.environ["PI_LORA_HOME"] = str(home)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return home
 
 
