@@ -398,7 +398,8 @@ def fit(shape: Shape, s: Settings, budget: float, cuda: bool, auto: set[str]) ->
             e = estimate(shape, trial, cuda)
         if smallest is None or e.needs < smallest[0].needs:
             smallest = (e, combo)
-        if e.needs <= budget and (best is None or cost(shape, e.settings) < cost(shape, best[0].settings) * (1 - MARGIN)):
+        faster = best is None or cost(shape, e.settings) < cost(shape, best[0].settings) * (1 - MARGIN)
+        if e.needs <= budget and faster:
             best = (e, combo)
     e, combo = best or smallest
     before = resolved(shape, s)
