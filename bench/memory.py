@@ -210,7 +210,7 @@ def long_plan() -> str:
     rows = []
     for name, tiles in (("offload + MLP tile 4096", dict(mlp_tile=4096)),
                         ("offload + MLP tile 4096 + attention tile 4096", dict(mlp_tile=4096, attention_tile=4096))):
-        e = plan.estimate(shape, plan.Settings(target_len=131072, offload_activations=True, **tiles), cuda=True)
+        e = plan.estimate(shape, plan.Settings(train_len=131072, offload_activations=True, **tiles), cuda=True)
         layer = e.parts["one layer's recompute + backward"]
         rows.append(f"| {name} | {layer / gib:.2f} | {e.peak / gib:.2f} | "
                     f"{e.needs / gib:.2f} | {'yes' if e.needs <= 24 * gib else 'no'} |")

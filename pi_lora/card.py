@@ -15,10 +15,7 @@ def adapter_card(meta: dict, recipe: Recipe, metrics: list[dict]) -> str:
     lines = [
         f"# LoRA adapter: {meta['base']} extended to {meta['target_len']:,} tokens",
         "",
-        f"Trained by pi-lora {meta['pi_lora_version']} with Position Interpolation: the base was trained to "
-        f"{meta['original_len']:,} tokens; positions are scaled by 1/{meta['factor']:g} (rope_type "
-        f"`{meta['rope_type']}`, rope_theta {meta['rope_theta']:g}) so {meta['target_len']:,} tokens stay in "
-        "the trained range.",
+        _how(meta),
         "",
         "| | |",
         "|---|---|",
@@ -28,8 +25,11 @@ def adapter_card(meta: dict, recipe: Recipe, metrics: list[dict]) -> str:
         f"| data | `{recipe.data.source}`" + (f", {recipe.data.eval_fraction:g} held out" if recipe.data.eval_fraction else "")
         + " |",
         f"| steps | {meta.get('adapter_step', recipe.train.steps)} x {recipe.train.batch_size * recipe.train.grad_accum} "
-        f"sequences of {meta['target_len']:,} tokens, lr {recipe.train.lr:g} ({recipe.train.schedule}) |",
+        f"sequences of {_trained_len(recipe):,} tokens, lr {recipe.train.lr:g} ({recipe.train.schedule}) |",
     ]
+    if recipe.rope.train_len and recipe.rope.train_len < recipe.rope.target_len:
+        lines.append(f"| short windows (PoSE) | {recipe.rope.train_len:,} tokens, positions spread over "
+                     f"{recipe.rope.target_len:,} in {recipe.rope.pose_chunks} chunks |")
     if steps:
         lines.append(f"| training loss | {steps[0]['loss']:.4f} at step {steps[0]['step']} -> "
                      f"{steps[-1]['loss']:.4f} at step {steps[-1]['step']} |")
@@ -63,6 +63,20 @@ def adapter_card(meta: dict, recipe: Recipe, metrics: list[dict]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _how(meta: dict) -> str:
+    if meta["rope_type"] == "none":
+        return (f"Trained by pi-lora {meta['pi_lora_version']} with plain RoPE (no position scaling, rope_theta "
+                f"{meta['rope_theta']:g}); the base was trained to {meta['original_len']:,} tokens.")
+    return (f"Trained by pi-lora {meta['pi_lora_version']} with Position Interpolation: the base was trained to "
+            f"{meta['original_len']:,} tokens; positions are scaled by 1/{meta['factor']:g} (rope_type "
+            f"`{meta['rope_type']}`, rope_theta {meta['rope_theta']:g}) so {meta['target_len']:,} tokens stay in "
+            "the trained range.")
+
+
+def _trained_len(recipe: Recipe) -> int:
+    return recipe.rope.train_len or recipe.rope.target_len
 
 
 def _modules(target) -> str:

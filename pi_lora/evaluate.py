@@ -183,11 +183,13 @@ def load_subject(spec: str, setting: Rope | None = None, quant: str = "none", on
 def baselines(spec: str) -> list[tuple[Rope, str]]:
     """What a run is measured against: its base with plain RoPE, and with the run's setting untrained."""
     meta = run.read_meta(Path(spec))
+    name = Path(spec).name
+    if meta["rope_type"] == "none":  # trained without scaling: its base as it is is the one baseline
+        return [(Rope("none", "none"), f"{name}: base, no scaling")]
     llama3 = meta["rope_type"] == "llama3"  # extended by raising its own factor: "linear" over its length
     kind = "linear" if llama3 else meta["rope_type"]
     factor = meta["target_len"] / ((meta.get("base_len") if llama3 else None) or meta["original_len"])
     own = Rope(f"{kind}:{factor:g}", kind, factor)
-    name = Path(spec).name
     return [(Rope("none", "none"), f"{name}: base, no scaling"),
             (own, f"{name}: base, {own.text} untrained")]
 

@@ -161,7 +161,7 @@ def add_rope(writer, pi) -> None:
                          ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
             if params.get(key) is not None:
                 add(params[key])
-    elif pi.rope_type not in ("ntk", "llama3"):
+    elif pi.rope_type not in ("ntk", "llama3", "none"):  # ntk and none: plain RoPE with their theta
         raise PiLoraError(f"GGUF export of rope_type '{pi.rope_type}' is not supported.")
 
 

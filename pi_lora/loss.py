@@ -44,14 +44,21 @@ class ChunkedLoss(torch.nn.Module):
         super().__init__()
         self.net, self.chunk, self.offload = net, chunk, offload
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`position_ids`: short-window training's (pi_lora.pose); None: 0..n-1."""
+        inputs = {"input_ids": ids}
+        if position_ids is not None:
+            # transformers reads a jump in position ids without an attention mask as the start of
+            # another packed document and masks attention across it; a mask of ones keeps one causal
+            # sequence (SDPA still takes its is_causal path: no L x L mask is made)
+            inputs.update(position_ids=position_ids, attention_mask=torch.ones_like(ids))
         if not self.chunk:
-            return self.net(input_ids=ids, labels=ids).loss
+            return self.net(**inputs, labels=ids).loss
         decoder, head = parts(self.net)
         pinned = torch.cuda.is_available()
         keep = torch.autograd.graph.save_on_cpu(pin_memory=pinned) if self.offload else contextlib.nullcontext()
         with keep:
-            hidden = decoder(input_ids=ids).last_hidden_state
+            hidden = decoder(**inputs).last_hidden_state
         targets = ids[:, 1:]
         total = 0.0
         for i in range(0, targets.shape[1], self.chunk):
@@ -61,10 +68,11 @@ class ChunkedLoss(torch.nn.Module):
 
 
 def backward(net, ids: torch.Tensor, scale: float = 1.0, chunk: int = 4096,
-             autocast=contextlib.nullcontext, offload: bool = False) -> float:
+             autocast=contextlib.nullcontext, offload: bool = False,
+             position_ids: torch.Tensor | None = None) -> float:
     """Mean next-token loss of `ids`; backpropagates `scale` x loss. `autocast` wraps the forward
     only (the recompute in backward restores it). Returns the loss."""
     with autocast():
-        value = ChunkedLoss(net, chunk, offload)(ids)
+        value = ChunkedLoss(net, chunk, offload)(ids, position_ids)
     (value * scale).backward()
     return value.item()

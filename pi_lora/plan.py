@@ -109,7 +109,7 @@ class Shape:
 class Settings:
     """The recipe values that move memory (one name each, as in the recipe)."""
 
-    target_len: int
+    train_len: int  # each trained sequence: rope.train_len (short windows), or rope.target_len
     batch_size: int = 1
     quant: str = "nf4"
     double_quant: bool = True
@@ -131,7 +131,7 @@ class Settings:
         t, lora = recipe.train, recipe.lora
         targets = LINEARS if lora.target_modules == "all-linear" else tuple(lora.target_modules)
         return cls(
-            target_len=recipe.rope.target_len, batch_size=t.batch_size, quant=recipe.model.quant,
+            train_len=recipe.rope.train_len or recipe.rope.target_len, batch_size=t.batch_size, quant=recipe.model.quant,
             double_quant=recipe.model.double_quant, compute_bytes=compute_bytes, rank=lora.rank,
             target_modules=targets, trainable=tuple(lora.trainable),
             gradient_checkpointing=True if t.gradient_checkpointing == "auto" else t.gradient_checkpointing,
@@ -168,7 +168,7 @@ def checkpointed(shape: Shape, s: Settings) -> int:
 
 def checkpoint_bytes(shape: Shape, s: Settings) -> float:
     """Every layer's input, kept for its recompute: the residual stream in the compute dtype (memory.narrow)."""
-    return float(s.batch_size * s.target_len * shape.hidden * s.compute_bytes * shape.layers)
+    return float(s.batch_size * s.train_len * shape.hidden * s.compute_bytes * shape.layers)
 
 
 def dequant_bytes(shape: Shape, s: Settings) -> float:
@@ -192,7 +192,7 @@ def attention_bytes(shape: Shape, s: Settings, positions: int) -> tuple[float, f
 def layer_bytes(shape: Shape, s: Settings) -> float:
     """One layer's recompute + backward working set: what the attention block saves, plus the larger
     of the MLP's backward and the attention block's (one follows the other), plus the dequantized weight."""
-    T, h, m, c = s.batch_size * s.target_len, shape.hidden, shape.intermediate, s.compute_bytes
+    T, h, m, c = s.batch_size * s.train_len, shape.hidden, shape.intermediate, s.compute_bytes
     mlp = (min(s.mlp_tile, T) if s.mlp_tile else T) * m * LAYER_M_BYTES.get(c, 16.8)
     if s.attention_tile and s.attention_tile < T:
         # q, k, v and ATTN_WHOLE_H more vectors of the whole sequence; then one tile's recompute and
@@ -212,7 +212,7 @@ def activations(shape: Shape, s: Settings) -> dict[str, float]:
     working set) until its backward; the last layers are the ones left unchecked, so the first of
     their backwards runs with the others' kept activations, and the LM head runs with all of them.
     """
-    T, h, c = s.batch_size * s.target_len, shape.hidden, s.compute_bytes
+    T, h, c = s.batch_size * s.train_len, shape.hidden, s.compute_bytes
     layer = layer_bytes(shape, s)
     unchecked = shape.layers - checkpointed(shape, s)
     saved = kept_per_layer(shape, s)
@@ -352,7 +352,7 @@ def cost(shape: Shape, s: Settings) -> float:
     MLP is tiled (its tiles are recomputed), one more forward of the projections per layer when the
     attention block is tiled, and the host transfers of an offload. The LM head and loss are the
     same under every setting and left out."""
-    T, h, m, n = s.batch_size * s.target_len, shape.hidden, shape.intermediate, shape.layers
+    T, h, m, n = s.batch_size * s.train_len, shape.hidden, shape.intermediate, shape.layers
     q = shape.heads * shape.head_dim
     mlp = 2 * T * 3 * h * m
     projections = 2 * T * sum(i * o for i, o in map(shape.linear, ("q_proj", "k_proj", "v_proj", "o_proj")))
@@ -422,13 +422,13 @@ def fewest_checkpointed(shape: Shape, s: Settings, budget: float, cuda: bool) ->
 
 
 def max_length(shape: Shape, s: Settings, budget: float, cuda: bool, auto: set[str], step: int = 1024) -> int:
-    """The longest target_len (a multiple of `step`) whose best settings fit `budget`; 0 if none."""
+    """The longest train_len (a multiple of `step`) whose best settings fit `budget`; 0 if none."""
     low, high = 0, step
-    while fit(shape, replace(s, target_len=high), budget, cuda, auto)[0].needs <= budget and high < 2**24:
+    while fit(shape, replace(s, train_len=high), budget, cuda, auto)[0].needs <= budget and high < 2**24:
         low, high = high, high * 2
     while high - low > step:
         mid = (low + high) // 2 // step * step
-        if fit(shape, replace(s, target_len=mid), budget, cuda, auto)[0].needs <= budget:
+        if fit(shape, replace(s, train_len=mid), budget, cuda, auto)[0].needs <= budget:
             low = mid
         else:
             high = mid
@@ -522,7 +522,8 @@ def refusal(d: Decision, shape: Shape, auto: set[str]) -> str:
     biggest = sorted(e.parts.items(), key=lambda kv: -kv[1])[:3]
     parts = ", ".join(f"{name} {v / GiB:.1f} GiB" for name, v in biggest)
     longest = max_length(shape, s, d.budget, e.cuda, auto | set(AUTO))
-    hints = [f"rope.target_len {longest:,} fits" if longest else "no length fits"]
+    hints = [f"sequences of {longest:,} tokens fit (rope.target_len, or rope.train_len for short windows)"
+             if longest else "no length fits"]
     if s.batch_size > 1:
         hints.append("train.batch_size 1 (raise train.grad_accum to keep the batch)")
     if e.cuda:

@@ -44,12 +44,17 @@ class ModelSection(_Section):
 
 class RopeSection(_Section):
     target_len: PosInt | None = None
-    # linear: Position Interpolation; yarn; ntk (NTK-aware theta); dynamic (inference only, eval)
-    scaling: Literal["linear", "yarn", "ntk", "dynamic"] = "linear"
+    # linear: Position Interpolation; yarn; ntk (NTK-aware theta); none: plain RoPE (a no-PI control);
+    # dynamic (inference only, eval)
+    scaling: Literal["linear", "yarn", "ntk", "none", "dynamic"] = "linear"
     original_len: PosInt | None = None  # the base's trained length, when its config claims more (Mistral-7B: 8192)
     beta_fast: PosFloat | None = None  # yarn only; None: transformers' defaults (32, 1, 0.1 ln s + 1)
     beta_slow: PosFloat | None = None
     attention_factor: PosFloat | None = None
+    # short-window training (PoSE): each trained sequence holds train_len tokens whose position ids
+    # span target_len, in pose_chunks chunks of consecutive positions; null: train_len = target_len
+    train_len: PosInt | None = None
+    pose_chunks: PosInt = 2
 
 
 class LoraSection(_Section):

@@ -4,7 +4,9 @@ PI maps position p to p * L / L' (Chen et al. 2023), which is transformers' own 
 with factor s = L' / L. The others are transformers' own rope types too, so nothing is patched:
 - yarn (Peng et al. 2023): interpolates low frequencies, keeps high ones, scales attention;
 - ntk (NTK-aware): no interpolation, a larger base, theta * s^(d / (d - 2)) for rotary dim d;
-- dynamic (dynamic NTK): the ntk base recomputed from the current sequence length, at inference only.
+- dynamic (dynamic NTK): the ntk base recomputed from the current sequence length, at inference only;
+- none: plain RoPE, positions as they are (training only: the control that fine-tunes as long
+  without any scaling, or continues training at the base's own length).
 A base that is already scaled is extended in its own kind: linear and yarn raise the factor against
 the true original length, a llama3 base (Llama-3.1/3.2) raises its factor by L'/L keeping its
 frequency bands. Nothing here touches weights.
@@ -18,7 +20,7 @@ from .errors import PiLoraError
 
 SCALINGS = ("linear", "yarn", "ntk", "dynamic")
 # what is trained must be what runs: dynamic changes the frequencies with the sequence length
-TRAINABLE = ("linear", "yarn", "ntk")
+TRAINABLE = ("linear", "yarn", "ntk", "none")
 _PLAIN = {"default", None}
 # the base's own keys that an extension keeps
 _KEPT = {"llama3": ("low_freq_factor", "high_freq_factor"),
@@ -30,7 +32,7 @@ class Interpolation:
     original_len: int  # L0: the length the weights were pretrained at
     target_len: int  # L'
     factor: float  # s = L' / L0, exact (a llama3 base: its factor raised by L' / L)
-    rope_type: str  # linear | yarn | ntk | dynamic | llama3 (a llama3 base's own kind)
+    rope_type: str  # linear | yarn | ntk | dynamic | none | llama3 (a llama3 base's own kind)
     rope_theta: float  # the base's theta (ntk raises it in rope_parameters)
     base_len: int = 0  # L: the length the base handles now (L0 unless the base is already scaled)
     rotary_dim: int = 0  # d, for ntk's theta
@@ -40,6 +42,8 @@ class Interpolation:
         """The config's `rope_parameters` (transformers 5); `rope_theta` must stay in it."""
         if self.rope_type == "ntk":
             return {"rope_type": "default", "rope_theta": self.ntk_theta()}
+        if self.rope_type == "none":
+            return {"rope_type": "default", "rope_theta": self.rope_theta}
         params = {"rope_type": self.rope_type, "factor": self.factor, "rope_theta": self.rope_theta}
         if self.rope_type in ("yarn", "llama3"):
             params["original_max_position_embeddings"] = self.original_len
@@ -51,6 +55,8 @@ class Interpolation:
 
     def max_position_embeddings(self) -> int:
         """What config.max_position_embeddings must say: dynamic NTK reads it as the trained length."""
+        if self.rope_type == "none":  # continued training at (or under) the base's own length claims no less
+            return max(self.target_len, self.base_len)
         return self.original_len if self.rope_type == "dynamic" else self.target_len
 
     def rope_scaling(self) -> dict | None:
@@ -140,9 +146,11 @@ def interpolation(config, target_len: int, scaling: str = "linear", original_len
                   **yarn) -> Interpolation:
     """The setting that takes this base to `target_len` tokens. `yarn`: beta_fast, beta_slow,
     attention_factor (None: transformers' defaults)."""
-    if scaling not in SCALINGS:
+    if scaling not in SCALINGS and scaling != "none":
         raise PiLoraError(f"rope scaling '{scaling}' is not supported; use one of {', '.join(SCALINGS)}.")
     base = base_scaling(config, original_len)
+    if scaling == "none":
+        return unscaled(config, base, target_len, yarn)
     if target_len <= base.current_len:
         raise PiLoraError(
             f"target length {target_len} must be longer than the model's trained length {base.current_len}; "
@@ -171,6 +179,24 @@ def interpolation(config, target_len: int, scaling: str = "linear", original_len
     factor = base.factor * target_len / base.current_len if kind == "llama3" else target_len / base.original_len
     return Interpolation(base.original_len, target_len, factor, kind, theta, base.current_len,
                          rotary_dim(config), extra)
+
+
+def unscaled(config, base: Base, target_len: int, yarn: dict) -> Interpolation:
+    """Plain RoPE at any length: the no-PI control of a study (direct extension, or more training at
+    the base's own length)."""
+    if base.rope_type not in _PLAIN:
+        raise PiLoraError(f"rope.scaling none keeps a plain-RoPE base as it is; this base already uses "
+                          f"rope_type '{base.rope_type}'.")
+    if any(v is not None for v in yarn.values()):
+        raise PiLoraError("rope.beta_fast, rope.beta_slow and rope.attention_factor apply to yarn only, "
+                          "not to rope.scaling 'none'.")
+    theta = float(rope_parameters_of(config)["rope_theta"])
+    return Interpolation(base.original_len, target_len, 1.0, "none", theta, base.current_len, rotary_dim(config))
+
+
+def extends(pi: Interpolation) -> bool:
+    """Whether the setting takes the base past the length it handles now."""
+    return pi.target_len > pi.base_len
 
 
 def of_recipe(config, section, trained_len: int | None = None) -> Interpolation:

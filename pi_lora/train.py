@@ -24,7 +24,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
-from . import __version__, data, distributed, kernels, loss, memory, model, quant, rope, run
+from . import __version__, data, distributed, kernels, loss, memory, model, pose, quant, rope, run
 from . import plan as planner
 from .errors import OutOfMemory, PiLoraError, first_line
 from .recipe import Recipe, dump
@@ -60,6 +60,7 @@ def config_for(recipe: Recipe):
     model.check_rank(config, recipe.lora)
     pi = rope.of_recipe(config, recipe.rope, model.TRAINED_LEN.get(m.base))
     rope.check_trainable(pi)
+    pose.check(recipe.rope, rope.extends(pi))
     rope.apply(config, pi)
     return config, pi
 
@@ -77,7 +78,7 @@ def prepare(recipe: Recipe, progress: Progress | None = None, resume: bool = Fal
     from .demo import home
 
     cache = home() / "tokens"
-    packed = data.load(recipe.data, tokenizer, pi.target_len, recipe.train.seed, cache, progress)
+    packed = data.load(recipe.data, tokenizer, pose.train_len(recipe.rope), recipe.train.seed, cache, progress)
     held_out = data.validation(recipe.data, tokenizer, pi.target_len, recipe.train.eval_sequences, cache, progress)
     return Prepared(recipe, config, pi, packed, held_out, Path(recipe.output), decision)
 
@@ -118,10 +119,13 @@ def describe(p: Prepared, console: Console) -> None:
     )
     need = t.steps * p.per_step
     console.print(f"[bold]data[/]: {p.data.describe()}")
+    if pose.active(p.recipe.rope):
+        console.print(f"[bold]short windows[/] (PoSE): {pose.train_len(p.recipe.rope):,} tokens each, positions "
+                      f"spread over 0..{pi.target_len - 1:,} in {p.recipe.rope.pose_chunks} chunks")
     epochs = f", {need / p.data.count:.2f} epochs" if p.data.count else ""
     console.print(
         f"[bold]budget[/]: {t.steps} steps x {t.batch_size} x {t.grad_accum} accum = {need} sequences, "
-        f"{need * pi.target_len:,} tokens{epochs}"
+        f"{need * pose.train_len(p.recipe.rope):,} tokens{epochs}"
     )
     if t.steps < t.warmup_steps:
         console.print(f"[yellow]warning[/]: train.steps ({t.steps}) is shorter than train.warmup_steps "
@@ -447,14 +451,20 @@ def step_loss(model, batches, t, on: torch.device, dtype: torch.dtype, offload: 
         model = loss.ChunkedLoss(model, t.loss_chunk, offload)  # FSDP2 keeps the class (a subclass)
     total = 0.0
     for a in range(t.grad_accum):
-        ids = next(batches).to(on)
+        ids, positions = unpack_batch(next(batches), on)
         last = a == t.grad_accum - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast(on, dtype):  # the forward only; checkpoint recomputes restore it
-                value = model(ids)
+                value = model(ids) if positions is None else model(ids, positions)
             (value / t.grad_accum).backward()
         total += value.item()
     return total / t.grad_accum
+
+
+def unpack_batch(batch, on: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch's ids and position ids (None: 0..n-1) on the device; short windows come as a pair."""
+    ids, positions = batch if isinstance(batch, tuple) else (batch, None)
+    return ids.to(on), None if positions is None else positions.to(on)
 
 
 class Interrupted(PiLoraError):
@@ -703,7 +713,8 @@ def run_steps(p: Prepared, console: Console, trainee: Trainee, state: RunState, 
     Ctrl-C or SIGTERM saves the last whole step (save_interrupted) and raises Interrupted."""
     t, world = p.recipe.train, distributed.current()
     trainee.net.train()
-    batches = distributed.share(p.data.batches(state.seen, t.batch_size), world)
+    stream = pose.batches(p.data.batches(state.seen, t.batch_size), state.seen, p.recipe.rope, t.seed)
+    batches = distributed.share(stream, world)
     state.rng = distributed.gather(rng_state(), world)
     first = state.done + 1
     with progress_bar(console) as bar, sigterm_as_interrupt():
@@ -743,7 +754,7 @@ def one_step(p: Prepared, trainee: Trainee, batches, state: RunState, step: int,
     trainee.scheduler.step()
     state.rng, state.done, state.updating = distributed.gather(rng_state(), world), step, False
     seconds = time.perf_counter() - began
-    tokens_per_step = p.per_step * p.pi.target_len
+    tokens_per_step = p.per_step * pose.train_len(p.recipe.rope)
     return {
         "step": step, "loss": value, "lr": lr, "grad_norm": float(norm),
         "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / seconds,

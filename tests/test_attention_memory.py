@@ -3,7 +3,7 @@
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pi_lora import model, plan, train
+from pi_lora import model, plan, pose, train
 from pi_lora.recipe import Recipe
 
 L = 2048  # L*L = 4.2M elements; the tiny model's largest other tensor (logits chunk) is far smaller
@@ -24,8 +24,9 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def training_step(tiny_base, attn: str):
-    """One step of the model `pi-lora train` builds (unquantized), watched."""
+def training_step(tiny_base, attn: str, short_windows: bool = False):
+    """One step of the model `pi-lora train` builds (unquantized), watched; `short_windows`: with
+    PoSE position ids (two chunks spread over 4 L), which come with a 2-D mask of ones."""
     recipe = Recipe.model_validate({"model": {"base": str(tiny_base), "quant": "none", "attn_implementation": attn},
                                     "rope": {"target_len": L}, "lora": {"rank": 4},
                                     "train": {"loss_chunk": 256, "grad_accum": 1, "mlp_tile": 0}})
@@ -34,9 +35,10 @@ def training_step(tiny_base, attn: str):
     dtype = model.compute_dtype(recipe.model.compute_dtype, on)
     net = train.build_model(recipe, config, on, dtype, plan.Settings.of(recipe, dtype.itemsize)).train()
     ids = torch.randint(0, 500, (1, L), device=on)
+    batch = (ids, torch.from_numpy(pose.positions(0, L, 4 * L, 2, 0))[None]) if short_windows else ids
     watch = LargestTensor()
     with watch:
-        train.step_loss(net, iter([ids]), recipe.train, on, dtype)
+        train.step_loss(net, iter([batch]), recipe.train, on, dtype)
     return watch
 
 
@@ -48,3 +50,8 @@ def test_sdpa_training_step_has_no_quadratic_tensor(tiny_base):
 def test_the_check_catches_eager_attention(tiny_base):
     watch = training_step(tiny_base, "eager")  # eager attention materialises the scores
     assert watch.largest >= L * L
+
+
+def test_short_windows_keep_sdpa_on_its_causal_path(tiny_base):
+    watch = training_step(tiny_base, "sdpa", short_windows=True)
+    assert watch.largest < L * L, f"{watch.op} built a tensor of {watch.largest} elements"

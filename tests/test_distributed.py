@@ -153,6 +153,18 @@ def test_shard_needs_several_processes(tiny_base, corpus, tmp_path):
     assert result.returncode == 2 and "torchrun" in result.stderr and not (tmp_path / "one").exists()
 
 
+@pytest.mark.slow
+def test_short_windows_two_processes_and_sharded_equal_one_process(tiny_base, corpus, tmp_path):
+    """PoSE draws by global sequence index: ranks, and FSDP2's shards, train what one process trains."""
+    short = ["--set", "rope.train_len=64", "--steps", "3"]
+    one = launch(1, train_argv(tiny_base, corpus, tmp_path / "one", *short, "--grad-accum", "2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name, extra in (("ddp", []), ("fsdp", ["--shard"])):
+        two = launch(2, train_argv(tiny_base, corpus, tmp_path / name, *short, "--grad-accum", "1", *extra))
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert_same_training(tmp_path / name, tmp_path / "one", rtol=1e-4, atol=1e-6)
+
+
 ZERO_GRAD_PROBE = '''
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 from pi_lora import distributed

@@ -19,7 +19,7 @@ def llama7b() -> plan.Shape:
 
 def test_breakdown_of_llama_7b_at_16k_matches_a_hand_computation():
     T, h, m, V, n = 16384, 4096, 11008, 32000, 32
-    e = plan.estimate(llama7b(), plan.Settings(target_len=T), cuda=True)
+    e = plan.estimate(llama7b(), plan.Settings(train_len=T), cuda=True)
     linears = n * (4 * h * h + 3 * h * m)  # q, k, v, o and gate, up, down; no GQA in LLaMA-1
     nf4 = 0.5 + 1 / 64 + 4 / (64 * 256)  # codes, 8-bit block scales, fp32 scale per 256 blocks
     hand = {
@@ -40,15 +40,15 @@ def test_breakdown_of_llama_7b_at_16k_matches_a_hand_computation():
 
 
 def test_techniques_remove_what_they_should():
-    shape, base = llama7b(), plan.Settings(target_len=32768)
+    shape, base = llama7b(), plan.Settings(train_len=32768)
     plain = plan.estimate(shape, base)
-    unchunked = plan.estimate(shape, plan.Settings(target_len=32768, loss_chunk=0))
+    unchunked = plan.estimate(shape, plan.Settings(train_len=32768, loss_chunk=0))
     assert unchunked.parts["LM head + loss"] == pytest.approx(32768 * 32000 * 12 + 32768 * 4096 * 12)
-    tiled = plan.estimate(shape, plan.Settings(target_len=32768, mlp_tile=4096))
+    tiled = plan.estimate(shape, plan.Settings(train_len=32768, mlp_tile=4096))
     saved = plain.parts["one layer's recompute + backward"] - tiled.parts["one layer's recompute + backward"]
     # with the MLP tiled, the attention block's backward (gradients of k and v) is the larger phase
     assert saved == pytest.approx(32768 * 11008 * 8.4 - max(4096 * 11008 * 8.4, 32768 * 2 * 2.35 * 2 * 4096))
-    offloaded = plan.estimate(shape, plan.Settings(target_len=32768, offload_activations=True))
+    offloaded = plan.estimate(shape, plan.Settings(train_len=32768, offload_activations=True))
     assert offloaded.parts["checkpointed layer inputs"] == 0
     assert offloaded.offloaded == 32 * 32768 * 4096 * 2
     # all 32 layer inputs leave the device; the one being recomputed comes back
@@ -56,13 +56,13 @@ def test_techniques_remove_what_they_should():
 
 
 def test_fit_picks_the_fastest_settings_that_fit():
-    shape, s = llama7b(), plan.Settings(target_len=32768)
+    shape, s = llama7b(), plan.Settings(train_len=32768)
     auto = {"mlp_tile", "offload_activations"}
     roomy, changes = plan.fit(shape, s, 80 * GiB, cuda=True, auto=auto)
     assert changes == {} and roomy.needs <= 80 * GiB
     tight, changes = plan.fit(shape, s, 16 * GiB, cuda=True, auto=auto)
     assert changes == {"offload_activations": True} and tight.needs <= 16 * GiB
-    tighter, changes = plan.fit(shape, plan.Settings(target_len=65536), 18 * GiB, cuda=True, auto=auto)
+    tighter, changes = plan.fit(shape, plan.Settings(train_len=65536), 18 * GiB, cuda=True, auto=auto)
     assert changes == {"mlp_tile": 4096, "offload_activations": True} and tighter.needs <= 18 * GiB
     # nothing may change that the recipe fixed: the smallest estimate is returned, and it does not fit
     fixed, changes = plan.fit(shape, s, 16 * GiB, cuda=True, auto=set())
@@ -77,29 +77,29 @@ AUTO = {"gradient_checkpointing", "mlp_tile", "attention_tile", "offload_activat
 
 def test_with_room_to_spare_fewer_layers_are_checkpointed():
     shape = llama7b()
-    roomy, changes = plan.fit(shape, plan.Settings(target_len=8192), 80 * GiB, cuda=True, auto=AUTO)
+    roomy, changes = plan.fit(shape, plan.Settings(train_len=8192), 80 * GiB, cuda=True, auto=AUTO)
     assert changes == {"gradient_checkpointing": 0} and roomy.needs <= 80 * GiB  # no recompute at all
-    s = plan.Settings(target_len=16384)
+    s = plan.Settings(train_len=16384)
     counts = []
     for gib in (64, 40, 24):
         e, changes = plan.fit(shape, s, gib * GiB, cuda=True, auto=AUTO)
         n = changes["gradient_checkpointing"]
         assert set(changes) == {"gradient_checkpointing"}  # no tiling, no offload
         assert e.needs <= gib * GiB  # and with one layer fewer checkpointed it would not fit
-        assert plan.estimate(shape, plan.Settings(target_len=16384, gradient_checkpointing=n - 1)).needs > gib * GiB
+        assert plan.estimate(shape, plan.Settings(train_len=16384, gradient_checkpointing=n - 1)).needs > gib * GiB
         counts.append(n)
     assert 0 < counts[0] < counts[1] < counts[2] < 32
     # each un-checkpointed layer keeps what its forward saved; the last one's is live during the head
     full = plan.estimate(shape, s)
-    kept = plan.estimate(shape, plan.Settings(target_len=16384, gradient_checkpointing=30))
+    kept = plan.estimate(shape, plan.Settings(train_len=16384, gradient_checkpointing=30))
     saved = (full.parts["one layer's recompute + backward"] - 4096 * 11008 * 2) * plan.SAVED_FRACTION
     assert kept.parts["kept by 1 more un-checkpointed layers"] == pytest.approx(saved)
     assert kept.parts["LM head + loss"] == pytest.approx(full.parts["LM head + loss"] + saved)
 
 
 def test_the_cost_model_orders_the_techniques():
-    shape, s = llama7b(), plan.Settings(target_len=32768)
-    cost = lambda **k: plan.cost(shape, plan.Settings(target_len=32768, **k))  # noqa: E731
+    shape, s = llama7b(), plan.Settings(train_len=32768)
+    cost = lambda **k: plan.cost(shape, plan.Settings(train_len=32768, **k))  # noqa: E731
     assert cost(gradient_checkpointing=0) < cost(gradient_checkpointing=16) < cost()
     assert cost() < cost(attention_tile=4096) < cost(mlp_tile=4096)  # projections are cheaper than the MLP
     assert cost(offload_activations=True) < cost(gradient_checkpointing=True, mlp_tile=4096, offload_activations=True)
@@ -111,9 +111,9 @@ def test_the_cost_model_orders_the_techniques():
 def test_attention_tile_leaves_q_k_v_and_the_attention_output_of_the_sequence():
     shape = plan.Shape.of(model.plan_config("llama3-8b"))
     T, tile, h, q, kv, m = 131072, 4096, 4096, 4096, 1024, 14336
-    s = plan.Settings(target_len=T, mlp_tile=tile)
+    s = plan.Settings(train_len=T, mlp_tile=tile)
     plain = plan.estimate(shape, s).parts["one layer's recompute + backward"]
-    tiled = plan.estimate(shape, plan.Settings(target_len=T, mlp_tile=tile, attention_tile=tile)).parts[
+    tiled = plan.estimate(shape, plan.Settings(train_len=T, mlp_tile=tile, attention_tile=tile)).parts[
         "one layer's recompute + backward"]
     # per position, bf16: what the untiled attention block saves, what its backward adds
     saved = h * (4 * plan.ATTN_SAVED_FP32_H + 2 * plan.ATTN_SAVED_DT_H) + 2 * plan.ATTN_SAVED_KV * 2 * kv
@@ -125,9 +125,9 @@ def test_attention_tile_leaves_q_k_v_and_the_attention_output_of_the_sequence():
 
 
 def test_128k_of_llama_7b_fits_24_gib_with_offload_and_both_tilings():
-    s = plan.Settings(target_len=131072, mlp_tile=4096, attention_tile=4096, offload_activations=True)
+    s = plan.Settings(train_len=131072, mlp_tile=4096, attention_tile=4096, offload_activations=True)
     assert plan.estimate(llama7b(), s).needs < 24 * GiB
-    untiled = plan.Settings(target_len=131072, mlp_tile=4096, offload_activations=True)
+    untiled = plan.Settings(train_len=131072, mlp_tile=4096, offload_activations=True)
     assert plan.estimate(llama7b(), untiled).needs > 24 * GiB  # the attention tile is what makes it fit
 
 
@@ -144,17 +144,17 @@ def test_a_fixed_gradient_checkpointing_is_kept_and_checked():
 
 
 def test_max_length_is_the_boundary_of_fit():
-    shape, s = llama7b(), plan.Settings(target_len=2048)
+    shape, s = llama7b(), plan.Settings(train_len=2048)
     longest = plan.max_length(shape, s, 24 * GiB, True, set(), step=1024)
-    assert plan.estimate(shape, plan.Settings(target_len=longest)).needs <= 24 * GiB
-    assert plan.estimate(shape, plan.Settings(target_len=longest + 1024)).needs > 24 * GiB
+    assert plan.estimate(shape, plan.Settings(train_len=longest)).needs <= 24 * GiB
+    assert plan.estimate(shape, plan.Settings(train_len=longest + 1024)).needs > 24 * GiB
 
 
 @pytest.mark.parametrize("gpus,trainable", [(2, ()), (2, ("embed", "norm")), (3, ()), (4, ("embed",))])
 def test_split_balances_the_layers_across_gpus(gpus, trainable):
     shape = llama7b()
-    one = plan.estimate(shape, plan.Settings(target_len=32768, trainable=trainable))
-    s = plan.Settings(target_len=32768, trainable=trainable, gpus=gpus)
+    one = plan.estimate(shape, plan.Settings(train_len=32768, trainable=trainable))
+    s = plan.Settings(train_len=32768, trainable=trainable, gpus=gpus)
     several = plan.estimate(shape, s)
     counts = plan.split(shape, s, several.parts)
     assert len(counts) == gpus and sum(counts) == 32 and min(counts) > 0
@@ -245,7 +245,7 @@ def test_plan_command_refuses_with_the_reason():
                                  "--set", "train.offload_activations=false", "--set", "train.mlp_tile=0",
                                  "--set", "train.attention_tile=0", "--set", "train.gradient_checkpointing=true"])
     assert result.exit_code == 2
-    e = plan.estimate(llama7b(), plan.Settings(target_len=32768))
+    e = plan.estimate(llama7b(), plan.Settings(train_len=32768))
     assert f"needs {e.needs / GiB:.1f} GiB per device and has 12.0 GiB" in result.output
     assert "checkpointed layer inputs 8.0 GiB" in result.output and "rope.target_len" in result.output
 
@@ -286,8 +286,8 @@ def test_train_resolves_auto_settings_and_records_them_beside_the_recipe(tiny_ba
 
 def test_sharding_divides_what_each_process_holds_and_adds_the_gathered_layers():
     shape, T = llama7b(), 16384
-    one = plan.estimate(shape, plan.Settings(target_len=T, trainable=("embed", "norm")), cuda=True)
-    two = plan.estimate(shape, plan.Settings(target_len=T, trainable=("embed", "norm"), shards=2), cuda=True)
+    one = plan.estimate(shape, plan.Settings(train_len=T, trainable=("embed", "norm")), cuda=True)
+    two = plan.estimate(shape, plan.Settings(train_len=T, trainable=("embed", "norm"), shards=2), cuda=True)
     held = ["base weights (linears)", "base weights (embeddings, head, norms)", "LoRA weights, gradients, AdamW",
             "trained embed/norm copies, gradients, AdamW"]
     for name in held:
@@ -305,8 +305,8 @@ def test_sharding_divides_what_each_process_holds_and_adds_the_gathered_layers()
 def test_data_parallel_adds_the_first_steps_gradients_beside_the_buckets():
     shape, T = llama7b(), 16384
     for trainable in ((), ("embed", "norm")):
-        one = plan.estimate(shape, plan.Settings(target_len=T, trainable=trainable), cuda=True)
-        two = plan.estimate(shape, plan.Settings(target_len=T, trainable=trainable, replicas=2), cuda=True)
+        one = plan.estimate(shape, plan.Settings(train_len=T, trainable=trainable), cuda=True)
+        two = plan.estimate(shape, plan.Settings(train_len=T, trainable=trainable, replicas=2), cuda=True)
         lora = 32 * 8 * 4 * (4096 + 4096)  # q/k/v/o at rank 8: A and B of each
         extra = 32000 * 4096 + 65 * 4096 if trainable else 0
         # one fp32 gradient per trainable parameter: 32 MiB for q/k/v/o, +0.5 GiB with the embeddings
