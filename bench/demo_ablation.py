@@ -136,7 +136,8 @@ def measure(names: list[str], steps: int, out: Path) -> dict:
         else:
             run = name.removesuffix("-as-trained")
             cost = train_row(run, extra if extra is not None else ROWS[run][1], steps, out)
-            results = evaluate(name, str(out / run), quant, out)
+            # the baselines once, beside the first row
+            results = evaluate(name, str(out / run), quant, out, [] if not rows else ["--no-baselines"])
         for label, r in results.items():
             if "base" in label:  # the run's baselines: its base with no scaling, and with PI untrained
                 rows.setdefault(label.split(": ", 1)[-1], {"what": "no training", "tokens": 0, "seconds": 0, **r})

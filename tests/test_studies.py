@@ -1,0 +1,43 @@
+"""The CPU studies' tables (bench/demo_ablation.py, bench/smollm2_study.py) from eval's own results files."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import demo_ablation  # noqa: E402
+import smollm2_study  # noqa: E402
+
+
+def test_ablation_table_compares_every_row_with_the_base_at_its_own_length():
+    rows = {
+        "base, no scaling": {"what": "no training", "tokens": 0, "seconds": 0,
+                             "perplexity": {"256": 20.0, "1024": 40.0}},
+        "pi-lora": {"what": "PI", "tokens": 61440, "seconds": 12.4, "perplexity": {"256": 21.0, "1024": 19.0}},
+    }
+    text = demo_ablation.table(rows, 30)
+    line = next(x for x in text.splitlines() if x.startswith("| pi-lora"))
+    assert line == "| pi-lora | PI | 21.00 | 19.00 | -5.0% | +5.0% | 61,440 | 12 |"
+    assert text.startswith(demo_ablation.HEADING)
+
+
+def results(folder: Path, ppl: dict | None = None, k_max: int | None = None) -> None:
+    folder.mkdir(parents=True)
+    r = {"perplexity": ppl} if ppl else {"passkey": {"16384": {"k_max": k_max, "trials": 2, "accuracy": {}}}}
+    (folder / "results.json").write_text(json.dumps({"results": {"model": r}}))
+
+
+def test_study_table_reads_what_was_measured_and_marks_what_was_not(tmp_path):
+    ppl = {"2048": 10.25, "8192": 9.5, "16384": 9.75}
+    results(tmp_path / "eval" / "pi2-new-testament", ppl)
+    results(tmp_path / "eval" / "pi2-passkey", k_max=8192)
+    (tmp_path / "pi2").mkdir()
+    (tmp_path / "pi2" / "metrics.jsonl").write_text(json.dumps({"step": 40, "tokens": 163840}) + "\n")
+    (tmp_path / "pi2" / "wall.json").write_text(json.dumps({"seconds": 5400}))
+    text = smollm2_study.write_table(tmp_path, docs=False)
+    row = next(x for x in text.splitlines() if x.startswith("| PI x2, trained"))
+    assert row == "| PI x2, trained | 163,840 | 40 | 1.5 | 10.25 | 9.50 | 9.75 | - | - | - | 8,192 |"
+    base = next(x for x in text.splitlines() if x.startswith("| base, no PI"))
+    assert base.count("| - ") == 7  # nothing measured yet
+    assert (tmp_path / "table.md").read_text() == text
