@@ -51,6 +51,7 @@ ROWS = {
     "pose": ("PI, LoRA + embeddings and norms, short windows of 256 spread over 1,024 (PoSE)", EMBED_NORM
              + ["--set", "rope.train_len=256", "--batch-size", "4"], "none"),
 }
+EXTRA: list[str] = []  # --set options for every trained row (--set on the command line)
 WINDOWS = 96  # strides of 64 scored: 6,144 tokens
 EVAL = ["--lengths", "256,1024", "--stride", "64", "--windows", str(WINDOWS), "--no-passkey"]
 
@@ -70,7 +71,7 @@ def train_row(name: str, extra, steps: int, out: Path) -> dict:
     folder = out / name
     if not (folder / "pi_lora.json").is_file() or not (folder / "adapter").is_dir():
         shutil.rmtree(folder, ignore_errors=True)
-        argv = ["train", "--recipe", "demo", "--output", str(folder), "--steps", str(steps), *extra]
+        argv = ["train", "--recipe", "demo", "--output", str(folder), "--steps", str(steps), *EXTRA, *extra]
         seconds = pi_lora(*argv, log=out / f"{name}.log")
         (folder / "wall.json").write_text(json.dumps({"seconds": seconds}))
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -91,7 +92,7 @@ def full_row(steps: int, out: Path) -> tuple[dict, dict]:
     from pi_lora import recipe as recipes
 
     began = time.perf_counter()
-    sets = [f"train.steps={steps}", "model.quant=none", "model.compute_dtype=fp32"]
+    sets = [f"train.steps={steps}", "model.quant=none", "model.compute_dtype=fp32", *EXTRA[1::2]]
     recipe, _ = recipes.resolve(recipes.read(recipes.find("demo")), sets, {})
     p = train.prepare(recipe)
     train.seed_everything(recipe.train.seed)
@@ -152,7 +153,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of every row (default 30)")
     parser.add_argument("--out", type=Path, default=Path("eval/demo-ablation"))
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe setting for every trained row, e.g. train.grad_accum=1")
     args = parser.parse_args()
+    EXTRA.extend(x for kv in args.set for x in ("--set", kv))
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = measure(["pi-lora", *[r for r in args.rows.split(",") if r != "pi-lora"]], args.steps, args.out)
