@@ -48,6 +48,8 @@ ROWS = {
     "lr-1e-2": ("PI, LoRA + embeddings and norms, lr 1e-2", EMBED_NORM + ["--lr", "1e-2"], "none"),
     "embed-lr-2e-4": ("PI, LoRA + embeddings and norms, embeddings at lr 2e-4", EMBED_NORM
                       + ["--set", "lora.embed_lr=2e-4"], "none"),
+    "all-linear": ("PI, LoRA on every linear + embeddings and norms", EMBED_NORM
+                   + ["--set", "lora.target_modules=all-linear"], "none"),
     "pose": ("PI, LoRA + embeddings and norms, short windows of 256 spread over 1,024 (PoSE)", EMBED_NORM
              + ["--set", "rope.train_len=256", "--batch-size", "4"], "none"),
 }
