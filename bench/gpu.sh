@@ -136,6 +136,13 @@ smoke() {
   import_check || { echo "SMOKE FAILED: imports (see above); nothing else can run"; return 1; }
   say "pi-lora train + eval on a tiny model"
   cli_check || failed+=("pi-lora train/eval")
+  if ls .gpu/smollm2.gguf* >/dev/null 2>&1; then  # what the study starts with, on this transformers
+    say "the SmolLM2 GGUF (whole or in parts) joined and converted by pi-lora"
+    "$PYTHON" -c "import pathlib, sys; sys.path.insert(0, 'bench'); from timebox import joined
+from pi_lora.model import gguf_folder
+parts, work = sorted(pathlib.Path('.gpu').glob('smollm2.gguf*')), pathlib.Path('$WORK')
+print(gguf_folder(joined(parts, work / 'smollm2.gguf'), cache=work / 'folders'))" || failed+=("SmolLM2 GGUF conversion")
+  fi
   if has_cuda; then
     say "bench/compare.py on a tiny model, on CUDA"
     "$PYTHON" bench/compare.py --device cuda --tiny --steps 1 --out "$OUT/smoke-compare.json" || failed+=("compare.py on CUDA")

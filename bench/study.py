@@ -38,7 +38,8 @@ from timebox import Box, outputs_problems, pack, run, stop_cleanly_on_sigterm  #
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 # Seconds each kind of step may take (on a GPU / in a dry run); the box's remainder caps them too.
-CAPS = {"prepare": (90, 60), "train": (150, 60), "eval": (60, 60), "report": (20, 20)}
+# 148 steps x 32k took 158 s on an H200 (docs/results.md): A and C fill most of 9 minutes, B and D get the rest.
+CAPS = {"prepare": (90, 60), "train": (200, 60), "eval": (60, 60), "report": (20, 20)}
 ROWS = {"A": "PI x4, lr {lr}", "C": "control: no PI, 8k windows x 4, lr {lr}", "B": "PI x4, lr 2e-5",
         "D": "YaRN x4, lr {lr}"}
 
