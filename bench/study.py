@@ -83,7 +83,7 @@ class Study:
                       "NT": new_testament(self.args.kjv, self.work / "nt.jsonl")}
         self.train_data = text_file(self.args.corpus, "train.jsonl", self.work)
         if self.dry and not self.args.gguf:
-            self.base = self.work / "base"
+            self.base, self.name = self.work / "base", "a tiny model"
             code = "import sys, pathlib; from pi_lora.demo import build_tiny_llama; build_tiny_llama(pathlib.Path(sys.argv[1]))"
             self.step("prepare", "prepare", [PY, "-c", code, self.base])
         else:
@@ -91,11 +91,14 @@ class Study:
 
             gguf = joined(self.args.gguf, self.work / self.args.gguf[0].name.split(".gguf")[0] + ".gguf") \
                 if len(self.args.gguf) > 1 else self.args.gguf[0]
-            code = ("import sys, pathlib; from pi_lora.model import gguf_folder; "
+            code = ("import sys, pathlib; from gguf import GGUFReader, LlamaFileType; from pi_lora.model import "
+                    "gguf_folder; f = GGUFReader(sys.argv[1]).fields; print(f['general.name'].contents(), '(GGUF', "
+                    "LlamaFileType(f['general.file_type'].contents()).name.removeprefix('MOSTLY_') + ')'); "
                     "print(gguf_folder(pathlib.Path(sys.argv[1]), cache=pathlib.Path(sys.argv[2])))")
             self.step("prepare", "prepare", [PY, "-c", code, gguf, self.work / "folders"])
             log = (self.work / "logs" / "prepare.log").read_text().strip().splitlines()
             self.base = Path(log[-1]) if log and Path(log[-1]).is_dir() else None
+            self.name = next((x for x in log if "(GGUF" in x), "the GGUF")
         if self.base is None or not (self.base / "config.json").is_file():
             raise SystemExit(f"study: no base model (see {self.work / 'logs' / 'prepare.log'})")
         self.base_len = json.loads((self.base / "config.json").read_text())["max_position_embeddings"]
@@ -286,7 +289,7 @@ def table(study: Study, device: str) -> str:
     a = study.args
     scored = {t: max((r.get("scored", {}).get(t, 0) for r in study.records), default=0) for t in ("Austen", "NT")}
     return "\n".join([
-        f"### {'a tiny model' if study.dry and not a.gguf else a.gguf[0].name.split('.gguf')[0]}, PI "
+        f"### {study.name}, PI "
         f"{study.base_len:,} -> {study.target:,}: {device}, {time.strftime('%Y-%m-%d')}", "",
         f"`pi-lora train`: NF4, LoRA r=8 q/k/v/o + embeddings and norms, {a.steps} steps of {study.target:,} tokens "
         f"(the control: 4 x {study.base_len:,}), on {a.corpus.name}/train.jsonl. `pi-lora eval`: stride {a.stride}, "

@@ -63,18 +63,26 @@ def run(cmd: list, cap: float, log: Path | None = None, env: dict | None = None,
             out, _ = proc.communicate(timeout=max(0.0, cap - grace))
         except subprocess.TimeoutExpired:
             capped = True
-            signal_group(proc, signal.SIGTERM)
-            try:
-                out, _ = proc.communicate(timeout=grace)
-            except subprocess.TimeoutExpired:
-                signal_group(proc, signal.SIGKILL)
-                out, _ = proc.communicate()
+            out = stop(proc, grace)
+        except BaseException:  # the caller is interrupted: the step stops with it
+            stop(proc, grace)
+            raise
         signal_group(proc, signal.SIGKILL)  # anything it started and left running
     finally:
         if log:
             sink.close()
     text = log.read_text(errors="replace") if log else (out or "")
     return Ended(proc.returncode, time.monotonic() - began, capped, "\n".join(text.splitlines()[-30:]))
+
+
+def stop(proc: subprocess.Popen, grace: float) -> str | None:
+    """SIGTERM to the step's process group, SIGKILL after `grace` seconds; what it printed."""
+    signal_group(proc, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=grace)[0]
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        return proc.communicate()[0]
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
