@@ -146,7 +146,8 @@ class Study:
                "--data", self.train_data, "--steps", a.steps, "--lr", lr, "--batch-size", 4 if control else 1,
                "--grad-accum", 1, "--output", folder, "--overwrite", *[x for s in sets for x in ("--set", s)]]
         trained = self.step(f"train-{name}", "train", cmd)
-        metrics = read_metrics(folder)
+        metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+            if (folder / "metrics.jsonl").is_file() else []
         what = ROWS[name].format(lr=f"{lr:g}")
         if not adapter_ready(folder):
             self.records.append({"row": name, "what": what, "tokens": 0, "minutes": trained["seconds"] / 60})
@@ -218,11 +219,6 @@ def no_pi_base(base: Path, folder: Path) -> Path:
     config["max_position_embeddings"] = length // 2
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     return folder
-
-
-def read_metrics(folder: Path) -> list[dict]:
-    path = folder / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
 def adapter_ready(folder: Path) -> bool:
@@ -315,10 +311,11 @@ def verdict(study: Study) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", type=Path, required=True, help="bench/corpus.py's folder (train.jsonl, austen-heldout.jsonl)")
+    p.add_argument("--corpus", type=Path, required=True, help="bench/corpus.py's folder: train.jsonl[.gz], "
+                   "austen-heldout.jsonl[.gz]")
     p.add_argument("--kjv", type=Path, required=True, help="kjv-books.jsonl[.gz]: one book a line")
     p.add_argument("--gguf", type=Path, nargs="+", default=[], help="the SmolLM2 GGUF, or its parts in order")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="for study.md, study.json and study.tar.gz")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pi-lora-study")
     p.add_argument("--minutes", type=float, default=9.0, help="the whole call [9]")
     p.add_argument("--rows", default="A,C,B,D", help="trained rows, in order [A,C,B,D]; the bases always run")

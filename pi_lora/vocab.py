@@ -289,6 +289,7 @@ def gguf_tokenizer(path: Path):
     pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     add_user_defined(tokenizer, fields)
+    add_special_flags(tokenizer, fields)
     if model != "gpt2":
         return tokenizer, True
     split = split_for(pre)
@@ -312,6 +313,15 @@ def add_user_defined(tokenizer, fields) -> None:
                if kind == TokenType.USER_DEFINED and t in vocab and t not in added]
     if missing:
         tokenizer.add_tokens(missing)
+
+
+def add_special_flags(tokenizer, fields) -> None:
+    """BOS/EOS around a text as the GGUF's add_bos_token/add_eos_token say (llama.cpp follows them).
+    Newer transformers releases read them; 5.17 left a SentencePiece GGUF without its BOS."""
+    for which in ("bos", "eos"):
+        key = f"tokenizer.ggml.add_{which}_token"
+        if key in fields and getattr(tokenizer, f"add_{which}_token", None) != bool(fields[key].contents()):
+            setattr(tokenizer, f"add_{which}_token", bool(fields[key].contents()))
 
 
 def warn_unknown_split(path: Path, known: bool) -> None:
