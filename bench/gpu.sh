@@ -38,7 +38,7 @@ PART=${1:-full}
 OUT=${OUT:-$REPO/.gpu/out}
 PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/pi-lora-site}
-WORK=${WORK:-$(mktemp -d)}
+if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; fi  # scratch, not $OUT
 mkdir -p "$OUT" "$WORK"
 # nothing here downloads: a missing file is an error, not a wait on the network
 export PYTHONUNBUFFERED=1 PYTHON HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1

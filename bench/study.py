@@ -4,9 +4,9 @@
 then `pi-lora eval` on held-out Austen and the New Testament: perplexity with 2k, 8k, 16k and 32k of
 context (stride 256, 32 strides: 8,192 scored tokens per text) and passkey in 32k prompts (8k for the
 no-PI rows). Rows, in the order the time box takes them:
-  bases  no PI; PI x4 untrained; YaRN x4 untrained (no training)
-  A      PI x4, lr --lr, --steps x 32k tokens; its halfway checkpoint is evaluated too
+  A      PI x4, lr --lr, --steps x 32k tokens; its halfway checkpoint is evaluated last
   C      the control: no PI, 8k windows x 4 a step (the same tokens), the same lr
+  bases  no PI; PI x4 untrained; YaRN x4 untrained (no training)
   B      A at lr 2e-5
   D      YaRN x4 trained like A
 Every step is a process with its own cap (bench/timebox.py) and ends before it; a step that fails
@@ -107,24 +107,36 @@ class Study:
         self.no_pi = no_pi_base(self.base, self.work / "base-no-pi")
 
 
-    def evaluate(self, name: str, model: Path, scaling: str | None, passkey_lens: list[int]) -> dict:
-        """Two capped `pi-lora eval`s: perplexity on Austen; perplexity and passkey on the New Testament.
-        {text: [results of each model or scaling, in order]}."""
-        a, found = self.args, {}
+    def evaluate(self, name: str, model: Path, scaling: str | None, passkey_len: int, separate=()) -> dict:
+        """Capped `pi-lora eval`s: perplexity on Austen; perplexity and passkey on the New Testament.
+        `separate`: (scalings, prompt length) whose passkey runs in calls of their own (the bases: no PI
+        at 8k, PI and YaRN at 32k). {text: [results of each model or scaling, in order], "passkey": [...]}."""
+        a, found = self.args, {"passkey": []}
+
+        def cmd(rope, folder, *extra):
+            return [PY, "-m", "pi_lora", "eval", model, "--stride", a.stride, "--output", folder, "--overwrite",
+                    *(["--scaling", rope] if rope else ["--no-baselines"]), *extra]
+
+        def keys(length):
+            return ["--passkey-lengths", length, "--distances", a.distances, "--trials", a.trials]
+
         for text, path in self.texts.items():
             folder = self.work / "eval" / name / text
-            keys = ["--passkey-lengths", ",".join(map(str, passkey_lens)), "--distances", a.distances,
-                    "--trials", a.trials] if text == "NT" else ["--no-passkey"]
-            self.step(f"eval-{name}-{text}", "eval",
-                      [PY, "-m", "pi_lora", "eval", model, "--stride", a.stride, "--windows", a.windows,
-                       "--lengths", ",".join(map(str, self.lengths)), "--data", path, "--output", folder, "--overwrite",
-                       *(["--scaling", scaling] if scaling else ["--no-baselines"]), *keys])
+            extra = keys(passkey_len) if text == "NT" and not separate else ["--no-passkey"]
+            self.step(f"eval-{name}-{text}", "eval", cmd(scaling, folder, "--data", path, "--windows", a.windows,
+                                                         "--lengths", ",".join(map(str, self.lengths)), *extra))
             found[text] = results(folder)
+        for rope, length in separate:
+            folder = self.work / "eval" / name / f"passkey-{length}"
+            self.step(f"eval-{name}-passkey-{length}", "eval",
+                      cmd(rope, folder, "--data", self.texts["NT"], "--no-perplexity", *keys(length)))
+            found["passkey"] += results(folder) or [{}] * len(rope.split(","))
         return found
 
     def bases(self) -> None:
         began = time.monotonic()
-        found = self.evaluate("bases", self.base, "none,linear:4,yarn:4", [self.base_len, self.target])
+        found = self.evaluate("bases", self.base, "none,linear:4,yarn:4", 0,
+                              [("none", self.base_len), ("linear:4,yarn:4", self.target)])
         for i, (label, what) in enumerate((("base", "no PI, untrained"), ("base PI x4", "PI x4, untrained"),
                                            ("base YaRN x4", "YaRN x4, untrained"))):
             self.records.append(record(label, what, 0, time.monotonic() - began, found, i,
@@ -154,7 +166,7 @@ class Study:
             return
         plen = self.base_len if control else self.target
         self.records.append(record(name, what, metrics[-1]["tokens"] if metrics else 0, time.monotonic() - began,
-                                   self.evaluate(name, folder, None, [plen]), 0, plen))
+                                   self.evaluate(name, folder, None, plen), 0, plen))
         halfway = halfway_run(folder, half) if name == "A" else None
         if halfway is not None:
             tokens = next((m["tokens"] for m in metrics if m["step"] == half), 0)
@@ -163,7 +175,7 @@ class Study:
     def halfways(self) -> None:
         for row, what, tokens, folder, plen in self.halfway:
             began = time.monotonic()
-            found = self.evaluate(folder.name, folder, None, [plen])
+            found = self.evaluate(folder.name, folder, None, plen)
             self.records.append(record(row, what, tokens, time.monotonic() - began, found, 0, plen))
 
 
@@ -253,7 +265,7 @@ def record(row: str, what: str, tokens: int, seconds: float, found: dict, index:
     def pick(text):
         return found[text][index] if len(found.get(text) or []) > index else {}
 
-    keys = pick("NT").get("passkey", {}).get(str(passkey_len), {})
+    keys = (found["passkey"][index] if found.get("passkey") else pick("NT")).get("passkey", {}).get(str(passkey_len), {})
     return {"row": row, "what": what, "tokens": tokens, "minutes": round(seconds / 60, 2),
             "perplexity": {t: pick(t).get("perplexity", {}) for t in ("Austen", "NT")},
             "scored": {t: next(iter(pick(t).get("scored_tokens", {}).values()), 0) for t in ("Austen", "NT")},
@@ -276,7 +288,7 @@ def table(study: Study, device: str) -> str:
                       for n in lengths)
     lines = [f"| row | what | tokens seen | minutes | {head} | passkey k_max (prompt) | passkey accuracy |",
              "|---|---|---|---|" + "---|" * (2 * len(lengths)) + "---|---|"]
-    for r in study.records:
+    for r in sorted(study.records, key=lambda r: (not r["row"].startswith("base"), r["row"])):
         cells = " | ".join(f"{r['perplexity'][t][n]:.2f}" if n in r.get("perplexity", {}).get(t, {}) else "-"
                            for t in ("Austen", "NT") for n in lengths)
         k = "-" if r.get("k_max") is None else f"{r['k_max']:,} ({int(r['passkey_len']):,})"
@@ -337,10 +349,10 @@ def main() -> None:
     study = Study(a)
     study.prepare()
     try:
-        study.bases()
-        for name in a.rows.split(","):
+        rows = a.rows.split(",")
+        for name in rows[:2] + ["bases"] + rows[2:]:  # A and C, the bases, then what time allows
             try:
-                study.train(name)
+                study.bases() if name == "bases" else study.train(name)
             except Exception as e:  # one row's surprise is a note; the rows after it still run
                 study.notes.append(f"row {name}: {type(e).__name__}: {e}")
         study.halfways()
