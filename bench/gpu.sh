@@ -27,7 +27,7 @@
 # Outputs, in $OUT: gpu-PART.log; compare.json and compare.md (the section bench/compare.py also
 # writes to docs/benchmarks.md); long.json and long.md; study.md, study.json and study.tar.gz.
 #
-# Settings (environment): PYTHON (python3), OUT (.gpu/out), SITE (/tmp/pi-lora-site), LENGTHS (7b
+# Settings (environment): PYTHON (python3), OUT (.gpu/out), BUNDLE (.gpu), SITE (/tmp/pi-lora-site), LENGTHS (7b
 # part: 16384,32768,65536), LONG_BUDGET (long part: seconds for its points, 450; 150 on a CPU),
 # UNSLOTH_SITE (/tmp/pi-lora-unsloth-site: unsloth's packages, for its process only), CORPUS and KJV
 # (the study's data: .gpu/corpus and .gpu/kjv-books.jsonl.gz by default), WORK (scratch: the temp folder).
@@ -38,6 +38,7 @@ PART=${1:-full}
 OUT=${OUT:-$REPO/.gpu/out}
 PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/pi-lora-site}
+BUNDLE=${BUNDLE:-$REPO/.gpu}  # what bench/gpu_prepare.sh built, when this machine has no network
 if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; fi  # scratch, not $OUT
 mkdir -p "$OUT" "$WORK"
 # nothing here downloads: a missing file is an error, not a wait on the network
@@ -58,11 +59,11 @@ install_wheels() {  # SITE WHEEL...: into a site of their own; a failed install 
 }
 
 setup() {
-  if [ -f .gpu/SHA256SUMS ]; then
-    (cd .gpu && sha256sum -c --quiet --ignore-missing SHA256SUMS) || { say "the .gpu/ bundle does not match its SHA256SUMS"; return 1; }
+  if [ -f "$BUNDLE"/SHA256SUMS ]; then
+    (cd "$BUNDLE" && sha256sum -c --quiet --ignore-missing SHA256SUMS) || { say "the bundle $BUNDLE does not match its SHA256SUMS"; return 1; }
   fi
-  if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-    install_wheels "$SITE" .gpu/wheels/*.whl || return 1
+  if ls "$BUNDLE"/wheels/*.whl >/dev/null 2>&1; then
+    install_wheels "$SITE" "$BUNDLE"/wheels/*.whl || return 1
     export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
   else
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -117,11 +118,11 @@ part_7b() {
 part_long() {
   local budget=${LONG_BUDGET:-450} args=(--suite long)
   has_cuda || { budget=${LONG_BUDGET:-150}; args+=(--device cpu); }
-  if ls .gpu/unsloth-wheels/*.whl >/dev/null 2>&1; then
+  if ls "$BUNDLE"/unsloth-wheels/*.whl >/dev/null 2>&1; then
     # unsloth patches transformers on import and wants transformers <= 5.17 and datasets < 5: its own
     # site, first on the path of its own process only (bench/unsloth_point.py)
     export UNSLOTH_SITE=${UNSLOTH_SITE:-/tmp/pi-lora-unsloth-site}
-    install_wheels "$UNSLOTH_SITE" .gpu/unsloth-wheels/*.whl || return 1
+    install_wheels "$UNSLOTH_SITE" "$BUNDLE"/unsloth-wheels/*.whl || return 1
   fi
   say "long part: bench/compare.py ${args[*]} --budget $budget"
   # every point, the random bases and the Liger check are capped by what is left of the budget and end
@@ -136,11 +137,11 @@ smoke() {
   import_check || { echo "SMOKE FAILED: imports (see above); nothing else can run"; return 1; }
   say "pi-lora train + eval on a tiny model"
   cli_check || failed+=("pi-lora train/eval")
-  if ls .gpu/smollm2.gguf* >/dev/null 2>&1; then  # what the study starts with, on this transformers
+  if ls "$BUNDLE"/smollm2.gguf* >/dev/null 2>&1; then  # what the study starts with, on this transformers
     say "the SmolLM2 GGUF (whole or in parts) joined and converted by pi-lora"
     "$PYTHON" -c "import pathlib, sys; sys.path.insert(0, 'bench'); from timebox import joined
 from pi_lora.model import gguf_folder
-parts, work = sorted(pathlib.Path('.gpu').glob('smollm2.gguf*')), pathlib.Path('$WORK')
+parts, work = sorted(pathlib.Path('$BUNDLE').glob('smollm2.gguf*')), pathlib.Path('$WORK')
 print(gguf_folder(joined(parts, work / 'smollm2.gguf'), cache=work / 'folders'))" || failed+=("SmolLM2 GGUF conversion")
   fi
   if has_cuda; then
@@ -166,10 +167,10 @@ print(gguf_folder(joined(parts, work / 'smollm2.gguf'), cache=work / 'folders'))
 # --- the PI study --------------------------------------------------------------------------------------
 
 part_study() {
-  local corpus=${CORPUS:-.gpu/corpus} kjv=${KJV:-.gpu/kjv-books.jsonl.gz} gguf=() args=()
+  local corpus=${CORPUS:-$BUNDLE/corpus} kjv=${KJV:-$BUNDLE/kjv-books.jsonl.gz} gguf=() args=()
   if has_cuda; then
-    gguf=(.gpu/smollm2.gguf)
-    [ -f .gpu/smollm2.gguf ] || gguf=(.gpu/smollm2.gguf.a?)  # carried in parts: study.py joins them
+    gguf=("$BUNDLE"/smollm2.gguf)
+    [ -f "$BUNDLE"/smollm2.gguf ] || gguf=("$BUNDLE"/smollm2.gguf.a?)  # carried in parts: study.py joins them
     args=(--gguf "${gguf[@]}")
   else
     args=(--dry-run --steps 2)

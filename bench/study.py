@@ -160,7 +160,7 @@ class Study:
         trained = self.step(f"train-{name}", "train", cmd)
         metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()] \
             if (folder / "metrics.jsonl").is_file() else []
-        what = ROWS[name].format(lr=f"{lr:g}")
+        what = ROWS[name].format(lr=f"{lr:.0e}".replace("e-0", "e-"))
         if not adapter_ready(folder):
             self.records.append({"row": name, "what": what, "tokens": 0, "minutes": trained["seconds"] / 60})
             return

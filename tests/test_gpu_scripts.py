@@ -153,7 +153,7 @@ def test_long_suite_dry_run_always_writes_its_table(tmp_path):
     """bash bench/gpu.sh long on a CPU with a short budget: points end by their caps, long.md is
     written, and no random base is left behind."""
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "LONG_BUDGET": "45",
-           "PYTHON": sys.executable}
+           "PYTHON": sys.executable, "BUNDLE": str(tmp_path / "no-bundle")}
     began = time.monotonic()
     done = subprocess.run(["bash", str(BENCH / "gpu.sh"), "long"], capture_output=True, text=True, env=env,
                           timeout=400, cwd=ROOT)
