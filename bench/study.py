@@ -178,7 +178,6 @@ class Study:
             found = self.evaluate(folder.name, folder, None, plen)
             self.records.append(record(row, what, tokens, time.monotonic() - began, found, 0, plen))
 
-
     def report(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         text = table(self, device_name(self.dry))
@@ -186,10 +185,9 @@ class Study:
         (self.out / "study.json").write_text(json.dumps({"records": self.records, "notes": self.notes}, indent=1) + "\n")
         pack(self.out / "study.tar.gz", self.work, skip=("adapter", "checkpoints", "home", "folders", "base",
                                                        "base-no-pi", "nt.jsonl", "train.jsonl", "austen-heldout.jsonl"))
-        problems = outputs_problems(self.out)
         print(text, flush=True)
-        if problems:
-            raise SystemExit(f"study: the output folder would not travel: {'; '.join(problems)}")
+        for problem in outputs_problems(self.out):  # other files in OUT: say so, the study's own are 3
+            say(f"warning: {self.out} holds {problem}")
 
 
 def text_file(corpus: Path, name: str, work: Path) -> Path:
