@@ -165,8 +165,9 @@ class Study:
             self.records.append({"row": name, "what": what, "tokens": 0, "minutes": trained["seconds"] / 60})
             return
         plen = self.base_len if control else self.target
+        found = self.evaluate(name, folder, None, plen)  # minutes: training and evaluation
         self.records.append(record(name, what, metrics[-1]["tokens"] if metrics else 0, time.monotonic() - began,
-                                   self.evaluate(name, folder, None, plen), 0, plen))
+                                   found, 0, plen))
         halfway = halfway_run(folder, half) if name == "A" else None
         if halfway is not None:
             tokens = next((m["tokens"] for m in metrics if m["step"] == half), 0)
