@@ -40,6 +40,7 @@ import llama  # noqa: E402
 from pi_lora import plan  # noqa: E402
 from point import measure  # noqa: E402
 from report import write_section  # noqa: E402
+from timebox import run, stop_cleanly_on_sigterm  # noqa: E402
 
 GIB = 2**30
 HEADING = "## Usual loop vs pi-lora: memory and speed"
@@ -185,6 +186,8 @@ def main() -> None:
                     print(f"  {name} at {length} failed: {r['error'][-600:]}", file=sys.stderr, flush=True)
                 if args.out:
                     args.out.write_text(json.dumps({"device": device, "config": config, "records": records}, indent=1))
+    except KeyboardInterrupt:  # a SIGTERM from outside too (stop_cleanly_on_sigterm): the table of what ran
+        skipped.append("the rest: interrupted")
     finally:
         if not args.keep_base:
             shutil.rmtree(folder, ignore_errors=True)
@@ -324,18 +327,19 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
     tok.save_pretrained(folder)
 
 
-def unsloth_point(folder: Path, length: int, steps: int, site: str | None) -> dict:
+def unsloth_point(folder: Path, length: int, steps: int, site: str | None, cap: float) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [p for p in (site, os.environ.get("PYTHONPATH", "")) if p])}
     here = Path(__file__).resolve().parent / "unsloth_point.py"
     spec = json.dumps({"base": str(folder), "length": length, "steps": steps})
-    out = subprocess.run([sys.executable, str(here), spec], capture_output=True, text=True, env=env)
-    lines = out.stdout.strip().splitlines()
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, ValueError):
-        why = "killed (out of memory?)" if out.returncode in (-9, 137) else out.stderr.strip()[-1500:]
-        return {"status": "failed", "error": why}
+    out = run([sys.executable, here, spec], cap, env=env, grace=5)
+    if out.capped:
+        return {"status": "capped", "error": f"stopped at its cap of {cap:.0f} s"}
+    found = [line for line in out.output.splitlines() if line.startswith('{"status"')]
+    if found:
+        return json.loads(found[-1])
+    why = "killed (out of memory?)" if out.rc in (-9, 137) else out.output.strip()[-1500:]
+    return {"status": "failed", "error": why}
 
 
 def long_row(r: dict, cuda: bool) -> str:
@@ -385,6 +389,7 @@ def long_summary(records: list[dict], cuda: bool) -> list[str]:
 def suite_long(args, cuda: bool) -> None:
     import torch  # noqa: F401
 
+    stop_cleanly_on_sigterm()
     began = time.perf_counter()
     tiny = args.tiny or not cuda
     shapes = TINY_SHAPES if tiny else SHAPES
@@ -400,12 +405,13 @@ def suite_long(args, cuda: bool) -> None:
     spent = lambda: time.perf_counter() - began  # noqa: E731
     try:
         if spent() + (KERNELS_CHECK if cuda else 5) <= args.budget:
-            done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "kernels_check.py"),
-                                   "--out", str(args.out.with_name("kernels.json")) if args.out else os.devnull],
-                                  capture_output=True, text=True)
-            print(done.stdout, end="", flush=True)
-            last = (done.stdout.strip().splitlines() or ["{}"])[-1]
-            checks = json.loads(last) if last.startswith("{") else {"status": "failed", "why": done.stderr[-500:]}
+            done = run([sys.executable, str(Path(__file__).resolve().parent / "kernels_check.py"),
+                        "--out", str(args.out.with_name("kernels.json")) if args.out else os.devnull],
+                       args.budget - spent(), grace=5)
+            print(done.output, flush=True)
+            last = (done.output.strip().splitlines() or ["{}"])[-1]
+            checks = json.loads(last) if last.startswith("{") else {"status": "capped" if done.capped else "failed",
+                                                                    "why": done.output[-500:]}
             if args.out and args.out.with_name("kernels.json").is_file():
                 checks["rows"] = json.loads(args.out.with_name("kernels.json").read_text())["rows"]
         for shape, method, length in priority(lengths):
@@ -417,18 +423,21 @@ def suite_long(args, cuda: bool) -> None:
             if shape not in folders:
                 folders[shape] = work / f"pi-lora-long-{shape}"
                 shutil.rmtree(folders[shape], ignore_errors=True)
-                made = subprocess.run([sys.executable, llama.__file__, str(folders[shape]), json.dumps(shapes[shape]),
-                                       args.device], capture_output=True, text=True)
-                if made.returncode != 0:
-                    sys.exit(f"writing the random base failed:\n{made.stderr[-2000:]}")
-                device = made.stdout.strip().splitlines()[-1]
+                made = run([sys.executable, llama.__file__, folders[shape], json.dumps(shapes[shape]), args.device],
+                           args.budget - spent(), grace=5)
+                if made.rc != 0:
+                    skipped.append(f"{SHAPE_NAMES[shape]}: writing its random base "
+                                   f"{'reached the time box' if made.capped else 'failed: ' + made.output[-300:]}")
+                    break
+                device = made.output.strip().splitlines()[-1]
             r = {"shape": shape, "method": method, "length": length}
             if method == "usual":
-                r |= measure(point(folders[shape], args.device, None, length, steps - 1), args.threads)
+                r |= measure(point(folders[shape], args.device, None, length, steps - 1), args.threads,
+                             args.budget - spent())
             elif method == "unsloth":
                 if not (folders[shape] / "tokenizer.json").is_file():
                     write_tokenizer(folders[shape], shapes[shape]["vocab_size"])
-                r |= unsloth_point(folders[shape], length, steps, site)
+                r |= unsloth_point(folders[shape], length, steps, site, args.budget - spent())
             else:
                 tree = recipe_values(method_values(method, cuda, chunk, tile))
                 explicit, chosen, d = resolve(shapes[shape], tree, length, cuda)
@@ -439,13 +448,15 @@ def suite_long(args, cuda: bool) -> None:
                 else:
                     spec = point(folders[shape], args.device, None, length, steps - 1)
                     spec |= {"method": "pi-lora", "recipe": {"lora": LORA, **explicit}}
-                    r |= measure(spec, args.threads)
+                    r |= measure(spec, args.threads, args.budget - spent())
             r["estimated_s"] = round(cost)
             records.append(r)
             print(long_row(r, cuda), f"[{spent():.0f} s]", flush=True)
             if args.out:
                 args.out.write_text(json.dumps({"device": device, "records": records, "kernels": checks,
                                                 "skipped": skipped}, indent=1))
+    except KeyboardInterrupt:  # a SIGTERM from outside too (stop_cleanly_on_sigterm): the table of what ran
+        skipped.append("the rest: interrupted")
     finally:
         if not args.keep_base:
             for folder in folders.values():

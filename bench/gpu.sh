@@ -11,25 +11,26 @@
 #                               # settings for 24 and 80 GiB and its lowest memory, unsloth beside them
 #                               # (its wheels from the bundle, in a site of their own), the Liger check
 #                               # (bench/kernels_check.py); the plan's longest lengths and 512k figure
-#   bash bench/gpu.sh smollm2   # bench/smollm2_pi.sh: SmolLM2-135M extended 8k -> 32k by PI:
-#                               # base evaluations, `pi-lora train`, evaluation of the adapter
-#   bash bench/gpu.sh full      # 7b, then smollm2
+#   bash bench/gpu.sh study     # bench/study.py (9 minutes at most, time-boxed): SmolLM2-135M-Instruct
+#                               # extended 8k -> 32k by PI, trained rows beside a no-PI control and the
+#                               # bases; needs CORPUS (bench/corpus.py's folder) and KJV
+#   bash bench/gpu.sh full      # 7b, then study
 #
 # Without CUDA each part runs its CPU version on tiny models, which checks the scripts: compare.py
-# --device cpu --tiny, gpu_split.py --devices cpu,cpu; smollm2 needs a GPU and says it skipped.
+# --device cpu --tiny, gpu_split.py --devices cpu,cpu, study.py --dry-run.
 #
 # A machine without network access: run bench/gpu_prepare.sh on one with it and copy the checkout,
 # with the .gpu/ bundle it writes, across. gpu.sh installs the bundle's wheels (into $SITE, beside
-# the machine's own torch and CUDA) and uses its SmolLM2 GGUF and KJV text.
+# the machine's own torch and CUDA; a failed install stops it) and uses its SmolLM2 GGUF (whole, or
+# in parts smollm2.gguf.aa, .ab, which bench/study.py joins) and KJV text.
 #
 # Outputs, in $OUT: gpu-PART.log; compare.json and compare.md (the section bench/compare.py also
-# writes to docs/benchmarks.md); smollm2-tables.md (perplexity, by-position and passkey tables for
-# docs/results.md) and smollm2.tar.gz (results.json files, plots, metrics, logs).
+# writes to docs/benchmarks.md); long.json and long.md; study.md, study.json and study.tar.gz.
 #
-# Settings (environment): PYTHON (python3), OUT (.gpu/out), SITE (/tmp/pi-lora-site), LENGTHS (7b
+# Settings (environment): PYTHON (python3), OUT (.gpu/out), BUNDLE (.gpu), SITE (/tmp/pi-lora-site), LENGTHS (7b
 # part: 16384,32768,65536), LONG_BUDGET (long part: seconds for its points, 450; 150 on a CPU),
-# UNSLOTH_SITE (/tmp/pi-lora-unsloth-site: unsloth's packages, for its process only), SM_STEPS (300), SM_ACCUM (1), SM_LR (2e-4), SM_TARGET (32768),
-# SM_LENGTHS (2048,...,32768), SM_STRIDE (256), SM_DEPTHS (8), SM_TRIALS (3), SM_PASSKEY (1).
+# UNSLOTH_SITE (/tmp/pi-lora-unsloth-site: unsloth's packages, for its process only), CORPUS and KJV
+# (the study's data: .gpu/corpus and .gpu/kjv-books.jsonl.gz by default), WORK (scratch: the temp folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -37,19 +38,32 @@ PART=${1:-full}
 OUT=${OUT:-$REPO/.gpu/out}
 PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/pi-lora-site}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHON
+BUNDLE=${BUNDLE:-$REPO/.gpu}  # what bench/gpu_prepare.sh built, when this machine has no network
+if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; fi  # scratch, not $OUT
+mkdir -p "$OUT" "$WORK"
+# nothing here downloads: a missing file is an error, not a wait on the network
+export PYTHONUNBUFFERED=1 PYTHON HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 say() { echo "[gpu.sh $(date +%H:%M:%S) +${SECONDS}s] $*"; }
 
-setup() {
-  if [ -f .gpu/SHA256SUMS ]; then
-    (cd .gpu && sha256sum -c --quiet --ignore-missing SHA256SUMS) || { say "the .gpu/ bundle does not match its SHA256SUMS"; return 1; }
+install_wheels() {  # SITE WHEEL...: into a site of their own; a failed install stops the part
+  local site=$1 log=$WORK/pip.log
+  shift
+  say "installing $# bundled wheels into $site"
+  if ! "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "$@" > "$log" 2>&1; then
+    cat "$log"
+    say "pip could not install the bundle's wheels"
+    return 1
   fi
-  if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-    say "installing the bundle's $(ls .gpu/wheels/*.whl | wc -l) wheels into $SITE"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-      .gpu/wheels/*.whl 2>&1 | grep -v "already exists" || true
+}
+
+setup() {
+  if [ -f "$BUNDLE"/SHA256SUMS ]; then
+    (cd "$BUNDLE" && sha256sum -c --quiet --ignore-missing SHA256SUMS) || { say "the bundle $BUNDLE does not match its SHA256SUMS"; return 1; }
+  fi
+  if ls "$BUNDLE"/wheels/*.whl >/dev/null 2>&1; then
+    install_wheels "$SITE" "$BUNDLE"/wheels/*.whl || return 1
     export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
   else
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -104,18 +118,16 @@ part_7b() {
 part_long() {
   local budget=${LONG_BUDGET:-450} args=(--suite long)
   has_cuda || { budget=${LONG_BUDGET:-150}; args+=(--device cpu); }
-  if ls .gpu/unsloth-wheels/*.whl >/dev/null 2>&1; then
+  if ls "$BUNDLE"/unsloth-wheels/*.whl >/dev/null 2>&1; then
     # unsloth patches transformers on import and wants transformers <= 5.17 and datasets < 5: its own
     # site, first on the path of its own process only (bench/unsloth_point.py)
     export UNSLOTH_SITE=${UNSLOTH_SITE:-/tmp/pi-lora-unsloth-site}
-    say "installing the bundle's $(ls .gpu/unsloth-wheels/*.whl | wc -l) unsloth wheels into $UNSLOTH_SITE"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$UNSLOTH_SITE" \
-      .gpu/unsloth-wheels/*.whl 2>&1 | grep -v "already exists" || true
+    install_wheels "$UNSLOTH_SITE" "$BUNDLE"/unsloth-wheels/*.whl || return 1
   fi
   say "long part: bench/compare.py ${args[*]} --budget $budget"
-  # a hard stop 30 s past the time box (8 minutes in all by default): a point far over its estimate
-  # cannot hold the machine; the records so far are in long.json already
-  timeout $((budget + 30)) "$PYTHON" bench/compare.py "${args[@]}" --budget "$budget" \
+  # every point, the random bases and the Liger check are capped by what is left of the budget and end
+  # before it (bench/timebox.py); the SIGTERM of this backstop also ends it cleanly, with its table
+  timeout -k 30 $((budget + 120)) "$PYTHON" bench/compare.py "${args[@]}" --budget "$budget" \
     --out "$OUT/long.json" --md "$OUT/long.md"
 }
 
@@ -125,6 +137,13 @@ smoke() {
   import_check || { echo "SMOKE FAILED: imports (see above); nothing else can run"; return 1; }
   say "pi-lora train + eval on a tiny model"
   cli_check || failed+=("pi-lora train/eval")
+  if ls "$BUNDLE"/smollm2.gguf* >/dev/null 2>&1; then  # what the study starts with, on this transformers
+    say "the SmolLM2 GGUF (whole or in parts) joined and converted by pi-lora"
+    "$PYTHON" -c "import pathlib, sys; sys.path.insert(0, 'bench'); from timebox import joined
+from pi_lora.model import gguf_folder
+parts, work = sorted(pathlib.Path('$BUNDLE').glob('smollm2.gguf*')), pathlib.Path('$WORK')
+print(gguf_folder(joined(parts, work / 'smollm2.gguf'), cache=work / 'folders'))" || failed+=("SmolLM2 GGUF conversion")
+  fi
   if has_cuda; then
     say "bench/compare.py on a tiny model, on CUDA"
     "$PYTHON" bench/compare.py --device cuda --tiny --steps 1 --out "$OUT/smoke-compare.json" || failed+=("compare.py on CUDA")
@@ -145,71 +164,19 @@ smoke() {
   fi
 }
 
-# --- SmolLM2 -----------------------------------------------------------------------------------------
+# --- the PI study --------------------------------------------------------------------------------------
 
-part_smollm2() {
-  if ! has_cuda; then
-    say "SmolLM2 part: skipped (it trains at 32k tokens: a GPU's job)"
-    return 0
+part_study() {
+  local corpus=${CORPUS:-$BUNDLE/corpus} kjv=${KJV:-$BUNDLE/kjv-books.jsonl.gz} gguf=() args=()
+  if has_cuda; then
+    gguf=("$BUNDLE"/smollm2.gguf)
+    [ -f "$BUNDLE"/smollm2.gguf ] || gguf=("$BUNDLE"/smollm2.gguf.a?)  # carried in parts: study.py joins them
+    args=(--gguf "${gguf[@]}")
+  else
+    args=(--dry-run --steps 2)
   fi
-  local target=${SM_TARGET:-32768} runs=eval/smollm2-gpu logs=eval/smollm2-gpu-logs
-  [ -f .gpu/smollm2.gguf ] && export GGUF=$REPO/.gpu/smollm2.gguf
-  if [ -f .gpu/kjv-books.jsonl.gz ] && [ -z "${KJV:-}" ]; then
-    gunzip -c .gpu/kjv-books.jsonl.gz > "$OUT/kjv-books.jsonl"
-    export KJV=$OUT/kjv-books.jsonl
-  fi
-  export LENGTHS=${SM_LENGTHS:-2048,4096,8192,16384,32768} STRIDE=${SM_STRIDE:-256} WINDOWS=1
-  export DEPTHS=${SM_DEPTHS:-8} TRIALS=${SM_TRIALS:-3} PASSKEY=${SM_PASSKEY:-1} TARGET=$target
-  rm -rf "$runs" "$logs"
-  mkdir -p "$logs"
-  say "SmolLM2 part: base evaluations (PI x4, no PI), then training ${SM_STEPS:-300} steps, then its evaluation"
-  OUT=$runs ROPES="linear:4 none" TRAIN=1 STEPS=${SM_STEPS:-300} ACCUM=${SM_ACCUM:-1} LR=${SM_LR:-2e-4} \
-    bash bench/smollm2_pi.sh 2>&1 | tee "$logs/smollm2_pi.log"
-  report_smollm2 "$runs" "$logs" "$runs/run-$target"
-}
-
-report_smollm2() {
-  local runs=$1 logs=$2 run=$3
-  {
-    echo "### SmolLM2-135M, PI 8,192 -> ${TARGET} (GPU: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0))'), $(date +%F))"
-    echo
-    local passkey="no passkey"
-    [ "$PASSKEY" = 1 ] && passkey="passkey at the longest length, $DEPTHS positions x $TRIALS trials"
-    echo "Settings: perplexity by sliding window at $LENGTHS (stride $STRIDE, one window at the longest length,"
-    echo "the first ${LENGTHS##*,} tokens of the New Testament); $passkey. Training: \`pi-lora train\` on the Old"
-    echo "Testament, $TARGET tokens x batch 1 x accum ${SM_ACCUM:-1}, lr ${SM_LR:-2e-4}, ${SM_STEPS:-300} steps, LoRA r=8"
-    echo "q/k/v/o + embed/norm, NF4. Command: \`bash bench/gpu.sh smollm2\` (bench/smollm2_pi.sh)."
-    echo
-    "$PYTHON" - "$run" <<'PY' || true
-import json, statistics, sys
-from pathlib import Path
-run = Path(sys.argv[1])
-m = run / "metrics.jsonl"
-rows = [json.loads(l) for l in m.read_text().splitlines() if l.strip()] if m.is_file() else []
-if not rows:
-    print("Training: no step completed."); sys.exit()
-tps = statistics.median(r["tokens_per_s"] for r in rows)
-first, last = rows[0], rows[-1]
-k = max(1, len(rows) // 10)
-head = statistics.mean(r["loss"] for r in rows[:k]); tail = statistics.mean(r["loss"] for r in rows[-k:])
-print(f"Training: {last['step']} steps ({last['tokens']:,} tokens); loss {first['loss']:.3f} at step 1, "
-      f"mean {head:.3f} over the first {k} steps and {tail:.3f} over the last {k}; median {tps:,.0f} tokens/s; "
-      f"peak memory {max(r['mem_gib'] for r in rows):.2f} GiB; adapter {'written' if (run / 'adapter').is_dir() else 'MISSING'}.")
-PY
-    echo
-    local results
-    results=$(ls "$runs"/base-linear-4/results.json "$runs"/base-none/results.json "$runs"/trained/results.json 2>/dev/null || true)
-    if [ -n "$results" ]; then
-      # shellcheck disable=SC2086
-      "$PYTHON" bench/results_table.py $results || true
-    else
-      echo "(no evaluation results)"
-    fi
-  } > "$OUT/smollm2-tables.md" 2>&1
-  cat "$OUT/smollm2-tables.md"
-  tar czf "$OUT/smollm2.tar.gz" --exclude='adapter' --exclude='checkpoints' --exclude='kjv-*.jsonl' \
-    "$runs" "$logs" 2>/dev/null || true
-  say "SmolLM2 files: $OUT/smollm2-tables.md, $OUT/smollm2.tar.gz"
+  say "study: bench/study.py ${args[*]}"
+  "$PYTHON" bench/study.py --corpus "$corpus" --kjv "$kjv" --out "$OUT" --work "$WORK/study" "${args[@]}"
 }
 
 main() {
@@ -218,9 +185,9 @@ main() {
     smoke) smoke || rc=1 ;;
     7b) setup && part_7b || rc=1 ;;
     long) setup && part_long || rc=1 ;;
-    smollm2) setup && part_smollm2 || rc=1 ;;
-    full) setup || return 1; part_7b || { rc=1; say "7B part failed"; }; part_smollm2 || rc=1 ;;
-    *) echo "usage: bash bench/gpu.sh smoke|7b|long|smollm2|full" >&2; exit 2 ;;
+    study) setup && part_study || rc=1 ;;
+    full) setup || return 1; part_7b || { rc=1; say "7B part failed"; }; part_study || rc=1 ;;
+    *) echo "usage: bash bench/gpu.sh smoke|7b|long|study|full" >&2; exit 2 ;;
   esac
   say "$([ $rc = 0 ] && echo done || echo FAILED): $PART"
   return $rc

@@ -30,18 +30,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(point: dict, threads: int = 0) -> dict:
-    """Run `point` in a fresh process; its record (with `status` ok, oom or failed)."""
+def measure(point: dict, threads: int = 0, cap: float | None = None) -> dict:
+    """Run `point` in a fresh process, stopped at `cap` seconds (bench/timebox.py); its record
+    (with `status` ok, oom, failed or capped)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    out = subprocess.run([sys.executable, __file__, json.dumps(point)], capture_output=True, text=True, env=env)
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        why = "killed (out of memory?)" if out.returncode in (-9, 137) else out.stderr.strip()[-3000:]
+    if cap is None:
+        out = subprocess.run([sys.executable, __file__, json.dumps(point)], capture_output=True, text=True, env=env)
+        rc, text, capped = out.returncode, out.stdout + "\n" + out.stderr, False
+    else:
+        from timebox import run
+
+        ended = run([sys.executable, __file__, json.dumps(point)], cap, env=env, grace=5)
+        rc, text, capped = ended.rc, ended.output, ended.capped
+    if capped:
+        return {"status": "capped", "error": f"stopped at its cap of {cap:.0f} s"}
+    found = [line for line in text.splitlines() if line.startswith('{"status"')]
+    if rc != 0 or not found:
+        why = "killed (out of memory?)" if rc in (-9, 137) else text.strip()[-3000:]
         return {"status": "failed", "error": why}
-    return json.loads(lines[-1])
+    return json.loads(found[-1])
 
 
 class Peak:

@@ -246,6 +246,18 @@ def save_tokenizer_keys(gguf_path: Path, folder: Path) -> None:
     writer.close()
 
 
+def rebuilt_splits() -> frozenset[str]:
+    """The BPE pre-tokenizer names transformers' GGUF reader rebuilds, found in the installed release.
+
+    Releases before its table (5.17 and older) read every BPE GGUF with GPT-2's split, so none.
+    """
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:
+        return frozenset()
+    return frozenset(GGUF_PRE_TOKENIZER_SPLITS)
+
+
 def split_for(pre: str | None):
     """A tokenizers pre-tokenizer doing llama.cpp's split for `pre`, where transformers' GGUF reader has none.
 
@@ -253,14 +265,13 @@ def split_for(pre: str | None):
     GPT-2's split; SmolLM's also splits digits one by one (llama.cpp's "smollm": \\p{N}, then GPT-2's).
     """
     from tokenizers import pre_tokenizers
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre == "gpt-2":
         return byte_level
-    if pre in GGUF_PRE_TOKENIZER_SPLITS:
+    if pre in rebuilt_splits():
         return "transformers"
     return None
 
@@ -277,12 +288,40 @@ def gguf_tokenizer(path: Path):
     model = fields["tokenizer.ggml.model"].contents()
     pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    add_user_defined(tokenizer, fields)
+    add_special_flags(tokenizer, fields)
     if model != "gpt2":
         return tokenizer, True
     split = split_for(pre)
     if split is not None and split != "transformers":
         tokenizer.backend_tokenizer.pre_tokenizer = split
     return tokenizer, split is not None
+
+
+def add_user_defined(tokenizer, fields) -> None:
+    """The GGUF's user-defined tokens (added but not special, like `<think>`), which llama.cpp matches
+    whole. Newer transformers releases add them when reading a GGUF; 5.17 cut them into pieces."""
+    from gguf import TokenType
+    from tokenizers import AddedToken
+
+    if "tokenizer.ggml.token_type" not in fields:
+        return
+    types = fields["tokenizer.ggml.token_type"].contents()
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    vocab, added = tokenizer.get_vocab(), tokenizer.get_added_vocab()
+    missing = [AddedToken(t, normalized=False, special=False) for t, kind in zip(tokens, types)
+               if kind == TokenType.USER_DEFINED and t in vocab and t not in added]
+    if missing:
+        tokenizer.add_tokens(missing)
+
+
+def add_special_flags(tokenizer, fields) -> None:
+    """BOS/EOS around a text as the GGUF's add_bos_token/add_eos_token say (llama.cpp follows them).
+    Newer transformers releases read them; 5.17 left a SentencePiece GGUF without its BOS."""
+    for which in ("bos", "eos"):
+        key = f"tokenizer.ggml.add_{which}_token"
+        if key in fields and getattr(tokenizer, f"add_{which}_token", None) != bool(fields[key].contents()):
+            setattr(tokenizer, f"add_{which}_token", bool(fields[key].contents()))
 
 
 def warn_unknown_split(path: Path, known: bool) -> None:

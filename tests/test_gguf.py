@@ -144,7 +144,7 @@ def test_bpe_special_tokens_are_control_and_bos_flags_written(bpe_run, bpe_base,
     merges = json.loads((bpe_base / "tokenizer.json").read_text())["model"]["merges"]
     assert got["tokenizer.ggml.merges"][:3] == [" ".join(m) for m in merges[:3]]
     chat = AutoTokenizer.from_pretrained(bpe_base).apply_chat_template(vocab.CHAT, tokenize=False)
-    gguf_tok, hf = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name), AutoTokenizer.from_pretrained(bpe_base)
+    (gguf_tok, _), hf = vocab.gguf_tokenizer(out), AutoTokenizer.from_pretrained(bpe_base)
     assert gguf_tok.encode("<|im_start|>user") == [1] + hf.encode("user")  # whole, not in pieces
     assert gguf_tok.encode("<repo_name><think>") == [3, 512]
     assert gguf_tok.encode(chat) == hf.encode(chat)
@@ -156,6 +156,18 @@ def test_tokenizer_check_catches_special_tokens_written_as_normal(bpe_run, tmp_p
     with pytest.raises(PiLoraError, match="tokenizer check failed"):
         export.export_gguf(bpe_run, tmp_path / "bad.gguf", "fp32", tokenizer_pre="gpt-2")
     assert not list(tmp_path.iterdir())
+
+
+def test_split_names_transformers_rebuilds_are_detected_not_assumed(monkeypatch):
+    """transformers 5.17 has no GGUF_PRE_TOKENIZER_SPLITS and reads every BPE GGUF with GPT-2's split."""
+    from transformers.integrations.gguf import gguf_tokenizer_mapping
+
+    if hasattr(gguf_tokenizer_mapping, "GGUF_PRE_TOKENIZER_SPLITS"):
+        assert "llama-bpe" in vocab.rebuilt_splits() and vocab.split_for("llama-bpe") == "transformers"
+        monkeypatch.delattr(gguf_tokenizer_mapping, "GGUF_PRE_TOKENIZER_SPLITS")
+    assert vocab.rebuilt_splits() == frozenset()
+    assert vocab.split_for("llama-bpe") is None  # unknown here: trained with GPT-2's split, said so
+    assert vocab.split_for("smollm") is not None and vocab.split_for("gpt-2") is not None
 
 
 def test_pre_name_is_found_by_llamacpp_hash(tiny_base, monkeypatch):

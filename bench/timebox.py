@@ -1,0 +1,133 @@
+"""Time boxes for the GPU scripts: every step a process of its own, ended cleanly before its cap,
+and outputs small enough to travel (a few files, shallow folders).
+
+    box = Box(540, reserve=20)            # the whole call: 9 minutes, 20 s kept for the report
+    ended = run(cmd, box.cap(120), log)   # at most 120 s, or what the box has left
+    ended.capped                          # True: the step was stopped at its cap
+
+A step is stopped by SIGTERM to its process group `grace` seconds before its cap (`pi-lora train`
+then saves its last completed step and exits), and killed at the cap; so a step never outlives its
+cap, and what it left behind is cleaned up by the caller's `finally`, not by a hard stop outside.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LIMITS = {"files": 8, "depth": 2}  # what one call may bring back
+
+
+class Box:
+    """A deadline for a whole script; each step's cap is its own or what is left, whichever is less."""
+
+    def __init__(self, seconds: float, reserve: float = 0.0):
+        self.began, self.seconds, self.reserve = time.monotonic(), seconds, reserve
+
+    def spent(self) -> float:
+        return time.monotonic() - self.began
+
+    def left(self) -> float:
+        return max(0.0, self.seconds - self.reserve - self.spent())
+
+    def cap(self, wanted: float) -> float:
+        return min(wanted, self.left())
+
+
+@dataclass
+class Ended:
+    rc: int | None
+    seconds: float
+    capped: bool
+    output: str  # the last lines of its output (all of it is in the log, when one is given)
+
+
+def run(cmd: list, cap: float, log: Path | None = None, env: dict | None = None, grace: float = 10.0) -> Ended:
+    """Run `cmd` in a process group of its own; SIGTERM at cap - grace, SIGKILL at the cap."""
+    began = time.monotonic()
+    grace = min(grace, cap / 3)
+    sink = open(log, "w") if log else subprocess.PIPE
+    try:
+        if log:
+            sink.write(" ".join(map(str, cmd)) + "\n\n")
+            sink.flush()
+        proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        capped = False
+        try:
+            out, _ = proc.communicate(timeout=max(0.0, cap - grace))
+        except subprocess.TimeoutExpired:
+            capped = True
+            out = stop(proc, grace)
+        except BaseException:  # the caller is interrupted: the step stops with it
+            stop(proc, grace)
+            raise
+        signal_group(proc, signal.SIGKILL)  # anything it started and left running
+    finally:
+        if log:
+            sink.close()
+    text = log.read_text(errors="replace") if log else (out or "")
+    return Ended(proc.returncode, time.monotonic() - began, capped, "\n".join(text.splitlines()[-30:]))
+
+
+def stop(proc: subprocess.Popen, grace: float) -> str | None:
+    """SIGTERM to the step's process group, SIGKILL after `grace` seconds; what it printed."""
+    signal_group(proc, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=grace)[0]
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        return proc.communicate()[0]
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """A SIGTERM from outside (a scheduler, `timeout`) unwinds like Ctrl-C, so `finally` blocks run."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def outputs_problems(folder: Path, files: int = LIMITS["files"], depth: int = LIMITS["depth"]) -> list[str]:
+    """Why `folder` would not travel back whole: too many files, or files too deep (a file in
+    folder/a/b/ is two folders deep)."""
+    found = [p for p in folder.rglob("*") if p.is_file() or p.is_symlink()]
+    problems = [f"{len(found)} files (at most {files})"] if len(found) > files else []
+    deep = [str(p.relative_to(folder)) for p in found if len(p.relative_to(folder).parts) - 1 > depth]
+    return problems + ([f"too deep (at most {depth} folders): {', '.join(deep[:3])}"] if deep else [])
+
+
+def pack(archive: Path, root: Path, skip: tuple[str, ...] = ()) -> Path:
+    """`root` as one .tar.gz, leaving out paths with a part named in `skip` (weights, checkpoints)."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root)
+            if path.is_file() and not set(rel.parts) & set(skip):
+                tar.add(path, arcname=str(Path(root.name) / rel))
+    return archive
+
+
+def joined(parts: list[Path], dest: Path) -> Path:
+    """One file from the parts `split` made of it (PART.aa PART.ab ...), joined once; a single file as is."""
+    if len(parts) == 1:
+        return parts[0]
+    size = sum(p.stat().st_size for p in parts)
+    if not (dest.is_file() and dest.stat().st_size == size):
+        tmp = dest.with_name(dest.name + ".tmp")
+        with open(tmp, "wb") as out:
+            for part in sorted(parts):
+                out.write(part.read_bytes())
+        tmp.replace(dest)
+    return dest
