@@ -104,7 +104,6 @@ class Study:
         self.base_len = json.loads((self.base / "config.json").read_text())["max_position_embeddings"]
         self.target = 4 * self.base_len
         self.lengths = [self.base_len // 4, self.base_len, 2 * self.base_len, self.target]
-        self.no_pi = no_pi_base(self.base, self.work / "base-no-pi")
 
 
     def evaluate(self, name: str, model: Path, scaling: str | None, passkey_len: int, separate=()) -> dict:
@@ -151,10 +150,13 @@ class Study:
         shutil.rmtree(folder, ignore_errors=True)
         half = max(1, a.steps // 2)
         sets = ["lora.trainable=[embed,norm]", f"train.save_every={half}", *a.set]
+        if control:  # plain RoPE on windows of the base's own length
+            sets.append("rope.scaling=none")
         if self.dry:
             sets.append("train.warmup_steps=0")
-        cmd = [PY, "-m", "pi_lora", "train", "--base", self.no_pi if control else self.base,
-               "--target-len", self.base_len if control else self.target, "--scaling", "yarn" if name == "D" else "linear",
+        cmd = [PY, "-m", "pi_lora", "train", "--base", self.base,
+               "--target-len", self.base_len if control else self.target,
+               *([] if control else ["--scaling", "yarn" if name == "D" else "linear"]),
                "--data", self.train_data, "--steps", a.steps, "--lr", lr, "--batch-size", 4 if control else 1,
                "--grad-accum", 1, "--output", folder, "--overwrite", *[x for s in sets for x in ("--set", s)]]
         trained = self.step(f"train-{name}", "train", cmd)
@@ -211,25 +213,6 @@ def new_testament(kjv: Path, dest: Path) -> Path:
         raise SystemExit(f"study: {kjv} has {len(lines)} lines, not the 66 books")
     dest.write_text("\n".join(lines[39:]) + "\n")
     return dest
-
-
-def no_pi_base(base: Path, folder: Path) -> Path:
-    """The base as if linearly scaled by 1/2 from its own length, so that `pi-lora train` "extending" it
-    back to that length sets factor 1: plain RoPE, trained through the same code as the PI rows.
-    (pi-lora trains extensions only; this is how the control runs without PI.)"""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for item in base.iterdir():
-        if item.name != "config.json":
-            (folder / item.name).symlink_to(item.resolve())
-    config = json.loads((base / "config.json").read_text())
-    length = config["max_position_embeddings"]
-    theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta", 10000.0)
-    config["rope_parameters"] = {"rope_type": "linear", "factor": 0.5, "rope_theta": theta,
-                                 "original_max_position_embeddings": length}
-    config["max_position_embeddings"] = length // 2
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
-    return folder
 
 
 def adapter_ready(folder: Path) -> bool:

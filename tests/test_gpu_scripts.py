@@ -88,21 +88,6 @@ def test_a_capped_point_is_a_record_not_a_hang():
     assert r["status"] == "capped" and time.monotonic() - began < 2
 
 
-def test_the_study_control_trains_plain_rope(tmp_path):
-    """The no-PI base makes `pi-lora train` set factor 1 at the base's own length: plain RoPE."""
-    import study
-    from transformers import AutoConfig
-
-    from pi_lora import rope
-    from pi_lora.demo import build_tiny_llama
-
-    base = build_tiny_llama(tmp_path / "base")
-    folder = study.no_pi_base(base, tmp_path / "no-pi")
-    pi = rope.interpolation(AutoConfig.from_pretrained(folder), 256)
-    assert (pi.factor, pi.rope_type, pi.target_len) == (1.0, "linear", 256)
-    assert (folder / "model.safetensors").resolve() == (base / "model.safetensors").resolve()
-
-
 def test_missing_study_data_is_an_error_before_anything_runs(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / "study.py"), "--dry-run", "--corpus", str(tmp_path),
                           "--kjv", str(tmp_path / "kjv.jsonl"), "--out", str(tmp_path / "out"),
