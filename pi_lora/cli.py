@@ -10,9 +10,16 @@ from typing import Literal, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperOption
 
+from . import __version__
 from . import recipe as recipes_mod
 from .errors import OutOfMemory, PiLoraError, first_line
+
+# typer prints "<bool>" after every switch (--resume <bool>), which reads as if it took a value: a
+# switch shows no value type.
+_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
 
 app = typer.Typer(
     help="Extend a RoPE model's context window by Position Interpolation, training LoRA on a 4-bit base.",
@@ -43,6 +50,35 @@ FLAG_KEYS = {
     "gpus": "model.gpus",
     "shard": "model.shard",
 }
+# what --help says of a flag's default where the recipe has none to give
+NO_DEFAULT = {"model.base": "required, from this flag or the recipe",
+              "rope.target_len": "required, from this flag or the recipe",
+              "output": "the recipe's, else runs/<base name>-<target_len>",
+              "train.gpu_mem": "the recipe's, else what the device has"}
+
+
+def recipe_flag(key: str, text: str) -> str:
+    """A first-class flag's help: what it sets, its recipe key, and where its default comes from."""
+    if key in NO_DEFAULT:
+        default = NO_DEFAULT[key]
+    else:
+        value = recipes_mod.leaves(recipes_mod.Recipe().model_dump(mode="json"))[key]
+        default = f"the recipe's, else {value}"
+    return f"{text} Recipe key: {key}. \\[default: {default}]"
+
+
+def show_version(value: bool) -> None:
+    if value:
+        print(f"pi-lora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """Extend a RoPE model's context window by Position Interpolation, training LoRA on a 4-bit base."""
 
 
 def handled(command):
@@ -51,6 +87,7 @@ def handled(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        quiet()  # here, not at start-up: --help must not import transformers
         try:
             return command(*args, **kwargs)
         except PiLoraError as e:
@@ -135,25 +172,25 @@ def print_recipe(resolved) -> None:
 @app.command()
 @handled
 def train(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name."),
-    base: Optional[str] = typer.Option(None, help="Base model: alias (see `pi-lora models`), hub id or folder. Recipe key: model.base."),
-    target_len: Optional[int] = typer.Option(None, help="New context length L'; PI factor is L'/L. Recipe key: rope.target_len."),
-    scaling: Optional[Literal["linear", "yarn", "ntk", "dynamic"]] = typer.Option(None, help="How positions are extended: linear (Position Interpolation, \\[default: linear]), yarn, or ntk (NTK-aware theta). Recipe key: rope.scaling."),
-    source: Optional[str] = typer.Option(None, "--source", "--data", help="Training data: a hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder. Recipe key: data.source."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder. Recipe key: output."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps. Recipe key: train.steps."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate. Recipe key: train.lr."),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank. Recipe key: lora.rank."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. Recipe key: train.batch_size."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step. Recipe key: train.grad_accum."),
-    seed: Optional[int] = typer.Option(None, help="Random seed. Recipe key: train.seed."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name (`pi-lora recipes`) \\[default: none: the flags and the built-in defaults]."),
+    base: Optional[str] = typer.Option(None, help=recipe_flag("model.base", "Base model: alias (see `pi-lora models`), hub id or folder.")),
+    target_len: Optional[int] = typer.Option(None, help=recipe_flag("rope.target_len", "New context length L'; PI factor is L'/L.")),
+    scaling: Optional[Literal["linear", "yarn", "ntk"]] = typer.Option(None, help=recipe_flag("rope.scaling", "How positions are extended: linear (Position Interpolation), yarn, or ntk (NTK-aware theta).")),
+    source: Optional[str] = typer.Option(None, "--source", "--data", help=recipe_flag("data.source", "Training data: a hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder.")),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help=recipe_flag("output", "Run folder.")),
+    steps: Optional[int] = typer.Option(None, help=recipe_flag("train.steps", "Optimizer steps.")),
+    lr: Optional[float] = typer.Option(None, help=recipe_flag("train.lr", "Peak learning rate.")),
+    rank: Optional[int] = typer.Option(None, help=recipe_flag("lora.rank", "LoRA rank.")),
+    batch_size: Optional[int] = typer.Option(None, help=recipe_flag("train.batch_size", "Sequences per micro-batch.")),
+    grad_accum: Optional[int] = typer.Option(None, help=recipe_flag("train.grad_accum", "Micro-batches per optimizer step.")),
+    seed: Optional[int] = typer.Option(None, help=recipe_flag("train.seed", "Random seed.")),
     trust_remote_code: Optional[bool] = typer.Option(
-        None, "--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub. Recipe key: model.trust_remote_code."
+        None, "--trust-remote-code/--no-trust-remote-code", help=recipe_flag("model.trust_remote_code", "Run model code from the hub.")
     ),
-    gpu_mem: Optional[str] = typer.Option(None, help="Memory per device the plan may use, e.g. 24GiB \\[default: what the device has]. Recipe key: train.gpu_mem."),
-    gpus: Optional[int] = typer.Option(None, help="Experimental (not yet run on GPUs): split the layers across this many GPUs (one long sequence on several cards). Recipe key: model.gpus."),
-    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Experimental (tested on CPU processes only): under torchrun, shard the base and the LoRA state across the processes (FSDP2), for bases too large for one card. Recipe key: model.shard."),
-    set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable)."),
+    gpu_mem: Optional[str] = typer.Option(None, help=recipe_flag("train.gpu_mem", "Memory per device the plan may use, e.g. 24GiB.")),
+    gpus: Optional[int] = typer.Option(None, help=recipe_flag("model.gpus", "Experimental (not yet run on GPUs): split the layers across this many GPUs (one long sequence on several cards).")),
+    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help=recipe_flag("model.shard", "Experimental (tested on CPU processes only): under torchrun, shard the base and the LoRA state across the processes (FSDP2), for bases too large for one card.")),
+    set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable) \\[default: none]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its newest whole checkpoint (a damaged one is skipped, said so; with none yet, from step 0)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
 ):
@@ -162,7 +199,7 @@ def train(
     Data parallel on N GPUs (or CPU processes): torchrun --nproc_per_node N -m pi_lora train ...
     (add --shard to shard the model across them).
     """
-    from . import distributed, run
+    from . import distributed, rope, run
     from . import train as train_mod
 
     given = locals()
@@ -180,6 +217,9 @@ def train(
         run.claim(Path(folder), resume, overwrite)
         tree, source = recipes_mod.read(Path(folder) / run.RECIPE), str(Path(folder) / run.RECIPE)
     resolved, overrides = recipes_mod.resolve(tree, set_, flags, source=source)
+    if resolved.rope.scaling not in rope.TRAINABLE:  # before any weight loads
+        raise PiLoraError(f"rope.scaling: {resolved.rope.scaling} is for eval only (it changes the frequencies with "
+                          f"the sequence length); train with {', '.join(rope.TRAINABLE)}.")
     folder = Path(resolved.output)
     # one writer per run folder, from now on (a new folder's parent may not exist yet: fit takes it then)
     hold = run.writing(folder) if world.main and folder.absolute().parent.is_dir() else contextlib.nullcontext()
@@ -223,7 +263,7 @@ def show_verification(what: str, checked) -> None:
 def merge(
     run_dir: Path = typer.Argument(..., help="Run folder made by `pi-lora train`."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the merged model \\[default: RUN_DIR/merged]."),
-    base: Optional[str] = typer.Option(None, help="Where the base is (overrides the run's pi_lora.json), e.g. a local copy."),
+    base: Optional[str] = typer.Option(None, help="Where the base is, e.g. a local copy \\[default: the base the run's pi_lora.json records]."),
     dtype: Optional[Literal["bf16", "fp16", "fp32"]] = typer.Option(None, help="Weights of the merged model \\[default: the base's own]."),
     merge_base: Literal["full", "dequantized"] = typer.Option("full", help="full: merge into the full-precision base weights. dequantized: into dequant(NF4), the weights training saw."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare merged logits with base + adapter after writing."),
@@ -327,16 +367,16 @@ def eval_(
 @app.command()
 @handled
 def plan(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name."),
-    base: Optional[str] = typer.Option(None, help="Base model: alias (planned offline), hub id or folder. Recipe key: model.base."),
-    target_len: Optional[int] = typer.Option(None, help="New context length L'. Recipe key: rope.target_len."),
-    gpu_mem: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 24GiB \\[default: this machine's GPU, or 24GiB]. Recipe key: train.gpu_mem."),
-    gpus: Optional[int] = typer.Option(None, help="Experimental: GPUs to split the layers across. Recipe key: model.gpus."),
-    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Experimental: shard the model across --processes (FSDP2). Recipe key: model.shard."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name (`pi-lora recipes`) \\[default: none: the flags and the built-in defaults]."),
+    base: Optional[str] = typer.Option(None, help=recipe_flag("model.base", "Base model: alias (planned offline), hub id or folder.")),
+    target_len: Optional[int] = typer.Option(None, help=recipe_flag("rope.target_len", "New context length L'.")),
+    gpu_mem: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 24GiB. Recipe key: train.gpu_mem. \\[default: the recipe's, else this machine's GPU, else 24GiB]"),
+    gpus: Optional[int] = typer.Option(None, help=recipe_flag("model.gpus", "Experimental: GPUs to split the layers across.")),
+    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help=recipe_flag("model.shard", "Experimental: shard the model across --processes (FSDP2).")),
     processes: int = typer.Option(1, min=1, help="torchrun processes (one per GPU) the run will use: data parallel, sharded with --shard."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. Recipe key: train.batch_size."),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank. Recipe key: lora.rank."),
-    set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set train.loss_chunk=2048 (repeatable)."),
+    batch_size: Optional[int] = typer.Option(None, help=recipe_flag("train.batch_size", "Sequences per micro-batch.")),
+    rank: Optional[int] = typer.Option(None, help=recipe_flag("lora.rank", "LoRA rank.")),
+    set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set train.loss_chunk=2048 (repeatable) \\[default: none]."),
 ):
     """Predict a GPU training run's memory by component, whether it fits, and the settings that make it fit.
 
@@ -449,5 +489,4 @@ def quiet() -> None:
 
 
 def main():
-    quiet()
     app()
