@@ -217,9 +217,10 @@ def train(
         run.claim(Path(folder), resume, overwrite)
         tree, source = recipes_mod.read(Path(folder) / run.RECIPE), str(Path(folder) / run.RECIPE)
     resolved, overrides = recipes_mod.resolve(tree, set_, flags, source=source)
-    if resolved.rope.scaling not in rope.TRAINABLE:  # before any weight loads
-        raise PiLoraError(f"rope.scaling: {resolved.rope.scaling} is for eval only (it changes the frequencies with "
-                          f"the sequence length); train with {', '.join(rope.TRAINABLE)}.")
+    if resolved.rope.scaling not in rope.TRAINABLE:  # said before any weight loads, as it will be after
+        raise PiLoraError(f"rope.scaling '{resolved.rope.scaling}' changes the frequencies with the sequence length, "
+                          "so what is trained would not be what runs; use it in pi-lora eval, and train with "
+                          f"{', '.join(rope.TRAINABLE)}.")
     folder = Path(resolved.output)
     # one writer per run folder, from now on (a new folder's parent may not exist yet: fit takes it then)
     hold = run.writing(folder) if world.main and folder.absolute().parent.is_dir() else contextlib.nullcontext()
@@ -329,11 +330,12 @@ def eval_(
     split: str = typer.Option("test", help="Split of a hub dataset given with --source."),
     text_field: str = typer.Option("text", help="Field holding the text."),
     scaling: Optional[str] = typer.Option(None, "--scaling", "--rope", help="Comma-separated rope settings compared side by side, each none or KIND:S with KIND linear, yarn, ntk or dynamic \\[default: each model's own]."),
-    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Show a run beside its base with no scaling and with the run's setting untrained (when --scaling is not given)."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Show a run beside its base with no scaling and with the run's setting untrained; under --scaling the run is labelled with the setting its adapter was trained with."),
     quant: Literal["none", "nf4", "fp4", "int8"] = typer.Option("none", help="Base weights: none (full precision: a run as deployed, equal to its merged model) or nf4/fp4/int8 (a run as trained)."),
     perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help="Measure perplexity with L tokens of context."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Measure passkey retrieval."),
     passkey_lengths: Optional[str] = typer.Option(None, help="Comma-separated passkey prompt lengths \\[default: the longest length]."),
+    passkey_check: bool = typer.Option(True, "--passkey-check/--no-passkey-check", help="Passkey: first try the key right before the question within the length the base was trained at; a model that retrieves none there cannot do the task, and its distances are not measured (the table says so)."),
     trials: Optional[int] = typer.Option(None, min=1, help="Passkey trials (random 5-digit keys) per distance \\[default: 10, quick 2]."),
     distances: Optional[int] = typer.Option(None, "--distances", "--depths", min=1, help="Passkey distances from the question, evenly spaced out to the prompt length \\[default: 32, quick 8]."),
     quick: bool = typer.Option(False, "--quick", help="A short run: fewer windows, trials and distances (explicit options win)."),
@@ -354,7 +356,7 @@ def eval_(
                            trials=trials if trials is not None else (2 if quick else 10),
                            distances=distances if distances is not None else (8 if quick else 32),
                            passkey=passkey, perplexity=perplexity, passkey_lengths=keys_at, rope=scaling, quant=quant,
-                           baselines=baselines, trust_remote_code=trust_remote_code)
+                           baselines=baselines, trust_remote_code=trust_remote_code, passkey_check=passkey_check)
     section, note = ev.data_section(models_, source, split, text_field)
     if note:
         console.print(f"[yellow]note[/]: {note}")

@@ -74,7 +74,7 @@ def test_train_refuses_an_eval_only_scaling_before_loading(tmp_path, monkeypatch
     recipe.write_text("model: {base: nowhere/none}\nrope: {target_len: 512, scaling: dynamic}\n")
     result = RUNNER.invoke(app, ["train", "--recipe", str(recipe), "--output", str(tmp_path / "run")])
     assert result.exit_code == 2
-    assert "eval only" in result.output and not (tmp_path / "run").exists()
+    assert "use it in pi-lora eval" in result.output and not (tmp_path / "run").exists()
 
 
 def test_version():
