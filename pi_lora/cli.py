@@ -161,6 +161,14 @@ def check_resume_changes(recorded: dict, where: str, resolved) -> None:
         )
 
 
+def show_resolved(resolved, planner_of) -> None:
+    """The resolved recipe as YAML (every key), then its plan."""
+    console.rule("resolved recipe")
+    console.print(recipes_mod.dump(resolved), highlight=False, markup=False, end="")
+    console.rule("plan")
+    print_plan(resolved, *planner_of(resolved))
+
+
 def print_recipe(resolved) -> None:
     """The whole resolved recipe, one line per section."""
     for section, values in resolved.model_dump(mode="json").items():
@@ -191,6 +199,7 @@ def train(
     gpus: Optional[int] = typer.Option(None, help=recipe_flag("model.gpus", "Experimental (not yet run on GPUs): split the layers across this many GPUs (one long sequence on several cards).")),
     shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help=recipe_flag("model.shard", "Experimental (tested on CPU processes only): under torchrun, shard the base and the LoRA state across the processes (FSDP2), for bases too large for one card.")),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable) \\[default: none]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the memory plan, then stop: no weight loaded, nothing written."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its newest whole checkpoint (a damaged one is skipped, said so; with none yet, from step 0)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
 ):
@@ -221,6 +230,11 @@ def train(
         raise PiLoraError(f"rope.scaling '{resolved.rope.scaling}' changes the frequencies with the sequence length, "
                           "so what is trained would not be what runs; use it in pi-lora eval, and train with "
                           f"{', '.join(rope.TRAINABLE)}.")
+    if dry_run:
+        print_overrides(overrides)
+        show_resolved(resolved, train_plan)
+        console.print(f"[green]dry run[/]: nothing loaded or written; without --dry-run the run goes to {resolved.output}")
+        return
     folder = Path(resolved.output)
     # one writer per run folder, from now on (a new folder's parent may not exist yet: fit takes it then)
     hold = run.writing(folder) if world.main and folder.absolute().parent.is_dir() else contextlib.nullcontext()
@@ -384,15 +398,21 @@ def plan(
 
     Needs no weights: aliases are planned from shipped configs. Planned for bf16 compute on a GPU.
     """
+    tree = recipes_mod.read(recipes_mod.find(recipe)) if recipe else {}
+    flags = {"model.base": base, "rope.target_len": target_len, "train.gpu_mem": gpu_mem,
+             "train.batch_size": batch_size, "lora.rank": rank, "model.gpus": gpus, "model.shard": shard}
+    resolved, _ = recipes_mod.resolve(tree, set_, flags, source=recipe or "flags")
+    print_plan(resolved, *gpu_plan(resolved, processes))
+
+
+def gpu_plan(resolved, processes: int = 1):
+    """The plan of `pi-lora plan`: for bf16 compute on a GPU (this machine's, else 24GiB), from the
+    shipped config of an alias. Returns the decision, the base's config and its interpolation."""
     import torch
 
     from . import model, rope
     from . import plan as planner
 
-    tree = recipes_mod.read(recipes_mod.find(recipe)) if recipe else {}
-    flags = {"model.base": base, "rope.target_len": target_len, "train.gpu_mem": gpu_mem,
-             "train.batch_size": batch_size, "lora.rank": rank, "model.gpus": gpus, "model.shard": shard}
-    resolved, _ = recipes_mod.resolve(tree, set_, flags, source=recipe or "flags")
     m = resolved.model
     if m.shard and processes == 1:
         raise PiLoraError("model.shard shards across torchrun processes: give their number, e.g. --processes 2.")
@@ -403,9 +423,29 @@ def plan(
         resolved.train.gpu_mem = "24GiB"
     config = model.plan_config(m.base, m.revision, m.trust_remote_code)
     pi = rope.of_recipe(config, resolved.rope, model.TRAINED_LEN.get(m.base))
-    shape = planner.Shape.of(config)
     compute_bytes = 4 if m.compute_dtype == "fp32" else 2
-    decision = planner.decide(shape, resolved, compute_bytes, cuda=True, processes=processes)
+    return planner.decide(planner.Shape.of(config), resolved, compute_bytes, cuda=True, processes=processes), config, pi
+
+
+def train_plan(resolved):
+    """The plan `train` makes on this machine before loading any weight (pi_lora.train.plan_memory),
+    from the config alone: nothing is downloaded but the config, nothing built or written."""
+    from . import model, rope
+    from . import train as train_mod
+
+    m = resolved.model
+    config = model.plan_config(m.base, m.revision, m.trust_remote_code)
+    model.check_rank(config, resolved.lora)
+    pi = rope.of_recipe(config, resolved.rope, model.TRAINED_LEN.get(m.base))
+    rope.check_trainable(pi)
+    return train_mod.plan_memory(resolved, config), config, pi
+
+
+def print_plan(resolved, decision, config, pi) -> None:
+    """The plan's table, its settings and its verdict: fits (needs X of Y GiB per device) or why not."""
+    from . import plan as planner
+
+    m, shape = resolved.model, planner.Shape.of(config)
     title = (f"{m.base}: {pi.base_len:,} -> {pi.target_len:,} tokens (rope {pi.rope_type}, factor {pi.factor:g}), "
              f"{m.quant}, LoRA r={resolved.lora.rank}, "
              f"batch {resolved.train.batch_size}")
@@ -418,10 +458,11 @@ def plan(
         console.print(f"layers per GPU: {decision.split}")
     if not decision.fits:
         raise PiLoraError(planner.refusal(decision, shape, planner.auto_keys(resolved.train)))
-    longest = planner.max_length(shape, s, decision.budget, True, planner.auto_keys(resolved.train))
-    console.print(f"[green]fits[/]: needs {decision.estimate.needs / planner.GiB:.1f} of "
-                  f"{decision.budget / planner.GiB:.1f} GiB per GPU; the longest that fits (auto settings resolved per length): "
-                  f"{longest:,} tokens")
+    cuda = decision.estimate.cuda
+    longest = planner.max_length(shape, s, decision.budget, cuda, planner.auto_keys(resolved.train))
+    console.print(f"[green]fits[/]: needs {decision.estimate.needs / planner.GiB:.2f} of "
+                  f"{decision.budget / planner.GiB:.2f} GiB per {'GPU' if cuda else 'device (this CPU)'}; the longest "
+                  f"that fits (auto settings resolved per length): {longest:,} tokens")
 
 
 @app.command()
@@ -451,9 +492,18 @@ def recipes(ctx: typer.Context):
 
 @recipes_app.command("show")
 @handled
-def recipes_show(name: str = typer.Argument(..., help="Shipped recipe name or file.")):
-    """Print a recipe."""
-    print(recipes_mod.find(name).read_text(), end="")
+def recipes_show(
+    name: str = typer.Argument(..., help="Shipped recipe name or file."),
+    resolved: bool = typer.Option(False, "--resolved", help="Every key as a run would resolve it (defaults filled in), then the plan of `pi-lora plan --recipe NAME`."),
+):
+    """Print a recipe file, or (--resolved) what it resolves to and its plan."""
+    path = recipes_mod.find(name)
+    if not resolved:
+        print(path.read_text(), end="")
+        return
+    quiet()
+    recipe, _ = recipes_mod.resolve(recipes_mod.read(path), [], {}, source=str(path))
+    show_resolved(recipe, gpu_plan)
 
 
 @recipes_app.command("validate")

@@ -132,9 +132,8 @@ def describe(p: Prepared, console: Console) -> None:
     d = p.memory
     chosen = planner.spell(planner.Shape.of(p.config), d.chosen) or "none"
     console.print(
-        f"[bold]memory[/]: planned peak {d.estimate.peak / planner.GiB:.2f} GiB per device, needs "
-        f"{d.estimate.needs / planner.GiB:.2f} of {d.budget / planner.GiB:.1f} GiB (auto settings: {chosen}; "
-        "breakdown: pi-lora plan)"
+        f"[bold]memory[/]: needs {d.estimate.needs / planner.GiB:.2f} of {d.budget / planner.GiB:.2f} GiB per "
+        f"device (auto settings: {chosen}; breakdown: pi-lora plan)"
     )
 
 
@@ -409,7 +408,8 @@ def compare_memory(p: Prepared, on: torch.device, before_gb: float) -> str:
     measured = memory_gib(on) - (0 if on.type == "cuda" else before_gb)
     planned = p.memory.estimate.peak / planner.GiB
     kind = "max allocated" if on.type == "cuda" else "resident memory growth"
-    return f"memory after the first step: {measured:.2f} GiB measured ({kind}), {planned:.2f} GiB planned"
+    return (f"memory after the first step: peak of the tensors {measured:.2f} GiB measured ({kind}), "
+            f"{planned:.2f} GiB planned")
 
 
 def oom_message(p: Prepared, on: torch.device) -> str:
