@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -541,4 +542,8 @@ def quiet() -> None:
 
 
 def main():
+    # OpenMP threads that spin while waiting for a core another process holds slow a shared machine down
+    # several-fold (5x per demo step on 2 cores at load 7; bench/demo_speed.py); waiting passively costs
+    # little on idle cores. Set before torch loads its OpenMP runtime; the user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
