@@ -133,7 +133,7 @@ def demo_base(progress=None) -> Path:
     if progress is not None:
         progress.console.print(f"building the demo base once: a tiny LLaMA pretrained at "
                                f"{DEMO_CONFIG['max_position_embeddings']} tokens for {PRETRAIN['steps']} steps "
-                               f"(under a minute on 2 idle cores), cached in {folder}")
+                               f"(about a minute of CPU time), cached in {folder}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-base-", dir=folder.parent))
     try:
