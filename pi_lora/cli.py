@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperOption
 
+from . import __version__
 from . import recipe as recipes_mod
 from .errors import OutOfMemory, PiLoraError, first_line
+
+# typer prints "<bool>" after every switch (--resume <bool>), which reads as if it took a value: a
+# switch shows no value type.
+_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
 
 app = typer.Typer(
     help="Extend a RoPE model's context window by Position Interpolation, training LoRA on a 4-bit base.",
@@ -43,6 +51,35 @@ FLAG_KEYS = {
     "gpus": "model.gpus",
     "shard": "model.shard",
 }
+# what --help says of a flag's default where the recipe has none to give
+NO_DEFAULT = {"model.base": "required, from this flag or the recipe",
+              "rope.target_len": "required, from this flag or the recipe",
+              "output": "the recipe's, else runs/<base name>-<target_len>",
+              "train.gpu_mem": "the recipe's, else what the device has"}
+
+
+def recipe_flag(key: str, text: str) -> str:
+    """A first-class flag's help: what it sets, its recipe key, and where its default comes from."""
+    if key in NO_DEFAULT:
+        default = NO_DEFAULT[key]
+    else:
+        value = recipes_mod.leaves(recipes_mod.Recipe().model_dump(mode="json"))[key]
+        default = f"the recipe's, else {value}"
+    return f"{text} Recipe key: {key}. \\[default: {default}]"
+
+
+def show_version(value: bool) -> None:
+    if value:
+        print(f"pi-lora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """Extend a RoPE model's context window by Position Interpolation, training LoRA on a 4-bit base."""
 
 
 def handled(command):
@@ -51,6 +88,7 @@ def handled(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        quiet()  # here, not at start-up: --help must not import transformers
         try:
             return command(*args, **kwargs)
         except PiLoraError as e:
@@ -124,6 +162,14 @@ def check_resume_changes(recorded: dict, where: str, resolved) -> None:
         )
 
 
+def show_resolved(resolved, planner_of) -> None:
+    """The resolved recipe as YAML (every key), then its plan."""
+    console.rule("resolved recipe")
+    console.print(recipes_mod.dump(resolved), highlight=False, markup=False, end="")
+    console.rule("plan")
+    print_plan(resolved, *planner_of(resolved))
+
+
 def print_recipe(resolved) -> None:
     """The whole resolved recipe, one line per section."""
     for section, values in resolved.model_dump(mode="json").items():
@@ -135,25 +181,26 @@ def print_recipe(resolved) -> None:
 @app.command()
 @handled
 def train(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name."),
-    base: Optional[str] = typer.Option(None, help="Base model: alias (see `pi-lora models`), hub id or folder. Recipe key: model.base."),
-    target_len: Optional[int] = typer.Option(None, help="New context length L'; PI factor is L'/L. Recipe key: rope.target_len."),
-    scaling: Optional[Literal["linear", "yarn", "ntk", "dynamic"]] = typer.Option(None, help="How positions are extended: linear (Position Interpolation, \\[default: linear]), yarn, or ntk (NTK-aware theta). Recipe key: rope.scaling."),
-    source: Optional[str] = typer.Option(None, "--source", "--data", help="Training data: a hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder. Recipe key: data.source."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder. Recipe key: output."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps. Recipe key: train.steps."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate. Recipe key: train.lr."),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank. Recipe key: lora.rank."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. Recipe key: train.batch_size."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step. Recipe key: train.grad_accum."),
-    seed: Optional[int] = typer.Option(None, help="Random seed. Recipe key: train.seed."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name (`pi-lora recipes`) \\[default: none: the flags and the built-in defaults]."),
+    base: Optional[str] = typer.Option(None, help=recipe_flag("model.base", "Base model: alias (see `pi-lora models`), hub id or folder.")),
+    target_len: Optional[int] = typer.Option(None, help=recipe_flag("rope.target_len", "New context length L'; PI factor is L'/L.")),
+    scaling: Optional[Literal["linear", "yarn", "ntk"]] = typer.Option(None, help=recipe_flag("rope.scaling", "How positions are extended: linear (Position Interpolation), yarn, or ntk (NTK-aware theta).")),
+    source: Optional[str] = typer.Option(None, "--source", "--data", help=recipe_flag("data.source", "Training data: a hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder.")),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help=recipe_flag("output", "Run folder.")),
+    steps: Optional[int] = typer.Option(None, help=recipe_flag("train.steps", "Optimizer steps.")),
+    lr: Optional[float] = typer.Option(None, help=recipe_flag("train.lr", "Peak learning rate.")),
+    rank: Optional[int] = typer.Option(None, help=recipe_flag("lora.rank", "LoRA rank.")),
+    batch_size: Optional[int] = typer.Option(None, help=recipe_flag("train.batch_size", "Sequences per micro-batch.")),
+    grad_accum: Optional[int] = typer.Option(None, help=recipe_flag("train.grad_accum", "Micro-batches per optimizer step.")),
+    seed: Optional[int] = typer.Option(None, help=recipe_flag("train.seed", "Random seed.")),
     trust_remote_code: Optional[bool] = typer.Option(
-        None, "--trust-remote-code/--no-trust-remote-code", help="Run model code from the hub. Recipe key: model.trust_remote_code."
+        None, "--trust-remote-code/--no-trust-remote-code", help=recipe_flag("model.trust_remote_code", "Run model code from the hub.")
     ),
-    gpu_mem: Optional[str] = typer.Option(None, help="Memory per device the plan may use, e.g. 24GiB \\[default: what the device has]. Recipe key: train.gpu_mem."),
-    gpus: Optional[int] = typer.Option(None, help="Experimental (not yet run on GPUs): split the layers across this many GPUs (one long sequence on several cards). Recipe key: model.gpus."),
-    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Experimental (tested on CPU processes only): under torchrun, shard the base and the LoRA state across the processes (FSDP2), for bases too large for one card. Recipe key: model.shard."),
-    set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable)."),
+    gpu_mem: Optional[str] = typer.Option(None, help=recipe_flag("train.gpu_mem", "Memory per device the plan may use, e.g. 24GiB.")),
+    gpus: Optional[int] = typer.Option(None, help=recipe_flag("model.gpus", "Experimental (not yet run on GPUs): split the layers across this many GPUs (one long sequence on several cards).")),
+    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help=recipe_flag("model.shard", "Experimental (tested on CPU processes only): under torchrun, shard the base and the LoRA state across the processes (FSDP2), for bases too large for one card.")),
+    set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set lora.dropout=0.05 (repeatable) \\[default: none]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the memory plan, then stop: no weight loaded, nothing written."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its newest whole checkpoint (a damaged one is skipped, said so; with none yet, from step 0)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
 ):
@@ -162,7 +209,7 @@ def train(
     Data parallel on N GPUs (or CPU processes): torchrun --nproc_per_node N -m pi_lora train ...
     (add --shard to shard the model across them).
     """
-    from . import distributed, run
+    from . import distributed, rope, run
     from . import train as train_mod
 
     given = locals()
@@ -180,6 +227,15 @@ def train(
         run.claim(Path(folder), resume, overwrite)
         tree, source = recipes_mod.read(Path(folder) / run.RECIPE), str(Path(folder) / run.RECIPE)
     resolved, overrides = recipes_mod.resolve(tree, set_, flags, source=source)
+    if resolved.rope.scaling not in rope.TRAINABLE:  # said before any weight loads, as it will be after
+        raise PiLoraError(f"rope.scaling '{resolved.rope.scaling}' changes the frequencies with the sequence length, "
+                          "so what is trained would not be what runs; use it in pi-lora eval, and train with "
+                          f"{', '.join(rope.TRAINABLE)}.")
+    if dry_run:
+        print_overrides(overrides)
+        show_resolved(resolved, train_plan)
+        console.print(f"[green]dry run[/]: nothing loaded or written; without --dry-run the run goes to {resolved.output}")
+        return
     folder = Path(resolved.output)
     # one writer per run folder, from now on (a new folder's parent may not exist yet: fit takes it then)
     hold = run.writing(folder) if world.main and folder.absolute().parent.is_dir() else contextlib.nullcontext()
@@ -223,7 +279,7 @@ def show_verification(what: str, checked) -> None:
 def merge(
     run_dir: Path = typer.Argument(..., help="Run folder made by `pi-lora train`."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the merged model \\[default: RUN_DIR/merged]."),
-    base: Optional[str] = typer.Option(None, help="Where the base is (overrides the run's pi_lora.json), e.g. a local copy."),
+    base: Optional[str] = typer.Option(None, help="Where the base is, e.g. a local copy \\[default: the base the run's pi_lora.json records]."),
     dtype: Optional[Literal["bf16", "fp16", "fp32"]] = typer.Option(None, help="Weights of the merged model \\[default: the base's own]."),
     merge_base: Literal["full", "dequantized"] = typer.Option("full", help="full: merge into the full-precision base weights. dequantized: into dequant(NF4), the weights training saw."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare merged logits with base + adapter after writing."),
@@ -289,11 +345,12 @@ def eval_(
     split: str = typer.Option("test", help="Split of a hub dataset given with --source."),
     text_field: str = typer.Option("text", help="Field holding the text."),
     scaling: Optional[str] = typer.Option(None, "--scaling", "--rope", help="Comma-separated rope settings compared side by side, each none or KIND:S with KIND linear, yarn, ntk or dynamic \\[default: each model's own]."),
-    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Show a run beside its base with no scaling and with the run's setting untrained (when --scaling is not given)."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Show a run beside its base with no scaling and with the run's setting untrained; under --scaling the run is labelled with the setting its adapter was trained with."),
     quant: Literal["none", "nf4", "fp4", "int8"] = typer.Option("none", help="Base weights: none (full precision: a run as deployed, equal to its merged model) or nf4/fp4/int8 (a run as trained)."),
     perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help="Measure perplexity with L tokens of context."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Measure passkey retrieval."),
     passkey_lengths: Optional[str] = typer.Option(None, help="Comma-separated passkey prompt lengths \\[default: the longest length]."),
+    passkey_check: bool = typer.Option(True, "--passkey-check/--no-passkey-check", help="Passkey: first try the key right before the question within the length the base was trained at; a model that retrieves none there cannot do the task, and its distances are not measured (the table says so)."),
     trials: Optional[int] = typer.Option(None, min=1, help="Passkey trials (random 5-digit keys) per distance \\[default: 10, quick 2]."),
     distances: Optional[int] = typer.Option(None, "--distances", "--depths", min=1, help="Passkey distances from the question, evenly spaced out to the prompt length \\[default: 32, quick 8]."),
     quick: bool = typer.Option(False, "--quick", help="A short run: fewer windows, trials and distances (explicit options win)."),
@@ -314,7 +371,7 @@ def eval_(
                            trials=trials if trials is not None else (2 if quick else 10),
                            distances=distances if distances is not None else (8 if quick else 32),
                            passkey=passkey, perplexity=perplexity, passkey_lengths=keys_at, rope=scaling, quant=quant,
-                           baselines=baselines, trust_remote_code=trust_remote_code)
+                           baselines=baselines, trust_remote_code=trust_remote_code, passkey_check=passkey_check)
     section, note = ev.data_section(models_, source, split, text_field)
     if note:
         console.print(f"[yellow]note[/]: {note}")
@@ -327,30 +384,36 @@ def eval_(
 @app.command()
 @handled
 def plan(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name."),
-    base: Optional[str] = typer.Option(None, help="Base model: alias (planned offline), hub id or folder. Recipe key: model.base."),
-    target_len: Optional[int] = typer.Option(None, help="New context length L'. Recipe key: rope.target_len."),
-    gpu_mem: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 24GiB \\[default: this machine's GPU, or 24GiB]. Recipe key: train.gpu_mem."),
-    gpus: Optional[int] = typer.Option(None, help="Experimental: GPUs to split the layers across. Recipe key: model.gpus."),
-    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help="Experimental: shard the model across --processes (FSDP2). Recipe key: model.shard."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name (`pi-lora recipes`) \\[default: none: the flags and the built-in defaults]."),
+    base: Optional[str] = typer.Option(None, help=recipe_flag("model.base", "Base model: alias (planned offline), hub id or folder.")),
+    target_len: Optional[int] = typer.Option(None, help=recipe_flag("rope.target_len", "New context length L'.")),
+    gpu_mem: Optional[str] = typer.Option(None, help="Memory per GPU, e.g. 24GiB. Recipe key: train.gpu_mem. \\[default: the recipe's, else this machine's GPU, else 24GiB]"),
+    gpus: Optional[int] = typer.Option(None, help=recipe_flag("model.gpus", "Experimental: GPUs to split the layers across.")),
+    shard: Optional[bool] = typer.Option(None, "--shard/--no-shard", help=recipe_flag("model.shard", "Experimental: shard the model across --processes (FSDP2).")),
     processes: int = typer.Option(1, min=1, help="torchrun processes (one per GPU) the run will use: data parallel, sharded with --shard."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch. Recipe key: train.batch_size."),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank. Recipe key: lora.rank."),
-    set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set train.loss_chunk=2048 (repeatable)."),
+    batch_size: Optional[int] = typer.Option(None, help=recipe_flag("train.batch_size", "Sequences per micro-batch.")),
+    rank: Optional[int] = typer.Option(None, help=recipe_flag("lora.rank", "LoRA rank.")),
+    set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set train.loss_chunk=2048 (repeatable) \\[default: none]."),
 ):
     """Predict a GPU training run's memory by component, whether it fits, and the settings that make it fit.
 
     Needs no weights: aliases are planned from shipped configs. Planned for bf16 compute on a GPU.
     """
+    tree = recipes_mod.read(recipes_mod.find(recipe)) if recipe else {}
+    flags = {"model.base": base, "rope.target_len": target_len, "train.gpu_mem": gpu_mem,
+             "train.batch_size": batch_size, "lora.rank": rank, "model.gpus": gpus, "model.shard": shard}
+    resolved, _ = recipes_mod.resolve(tree, set_, flags, source=recipe or "flags")
+    print_plan(resolved, *gpu_plan(resolved, processes))
+
+
+def gpu_plan(resolved, processes: int = 1):
+    """The plan of `pi-lora plan`: for bf16 compute on a GPU (this machine's, else 24GiB), from the
+    shipped config of an alias. Returns the decision, the base's config and its interpolation."""
     import torch
 
     from . import model, rope
     from . import plan as planner
 
-    tree = recipes_mod.read(recipes_mod.find(recipe)) if recipe else {}
-    flags = {"model.base": base, "rope.target_len": target_len, "train.gpu_mem": gpu_mem,
-             "train.batch_size": batch_size, "lora.rank": rank, "model.gpus": gpus, "model.shard": shard}
-    resolved, _ = recipes_mod.resolve(tree, set_, flags, source=recipe or "flags")
     m = resolved.model
     if m.shard and processes == 1:
         raise PiLoraError("model.shard shards across torchrun processes: give their number, e.g. --processes 2.")
@@ -361,9 +424,29 @@ def plan(
         resolved.train.gpu_mem = "24GiB"
     config = model.plan_config(m.base, m.revision, m.trust_remote_code)
     pi = rope.of_recipe(config, resolved.rope, model.TRAINED_LEN.get(m.base))
-    shape = planner.Shape.of(config)
     compute_bytes = 4 if m.compute_dtype == "fp32" else 2
-    decision = planner.decide(shape, resolved, compute_bytes, cuda=True, processes=processes)
+    return planner.decide(planner.Shape.of(config), resolved, compute_bytes, cuda=True, processes=processes), config, pi
+
+
+def train_plan(resolved):
+    """The plan `train` makes on this machine before loading any weight (pi_lora.train.plan_memory),
+    from the config alone: nothing is downloaded but the config, nothing built or written."""
+    from . import model, rope
+    from . import train as train_mod
+
+    m = resolved.model
+    config = model.plan_config(m.base, m.revision, m.trust_remote_code)
+    model.check_rank(config, resolved.lora)
+    pi = rope.of_recipe(config, resolved.rope, model.TRAINED_LEN.get(m.base))
+    rope.check_trainable(pi)
+    return train_mod.plan_memory(resolved, config), config, pi
+
+
+def print_plan(resolved, decision, config, pi) -> None:
+    """The plan's table, its settings and its verdict: fits (needs X of Y GiB per device) or why not."""
+    from . import plan as planner
+
+    m, shape = resolved.model, planner.Shape.of(config)
     title = (f"{m.base}: {pi.base_len:,} -> {pi.target_len:,} tokens (rope {pi.rope_type}, factor {pi.factor:g}), "
              f"{m.quant}, LoRA r={resolved.lora.rank}, "
              f"batch {resolved.train.batch_size}")
@@ -376,10 +459,11 @@ def plan(
         console.print(f"layers per GPU: {decision.split}")
     if not decision.fits:
         raise PiLoraError(planner.refusal(decision, shape, planner.auto_keys(resolved.train)))
-    longest = planner.max_length(shape, s, decision.budget, True, planner.auto_keys(resolved.train))
-    console.print(f"[green]fits[/]: needs {decision.estimate.needs / planner.GiB:.1f} of "
-                  f"{decision.budget / planner.GiB:.1f} GiB per GPU; the longest that fits (auto settings resolved per length): "
-                  f"{longest:,} tokens")
+    cuda = decision.estimate.cuda
+    longest = planner.max_length(shape, s, decision.budget, cuda, planner.auto_keys(resolved.train))
+    console.print(f"[green]fits[/]: needs {decision.estimate.needs / planner.GiB:.2f} of "
+                  f"{decision.budget / planner.GiB:.2f} GiB per {'GPU' if cuda else 'device (this CPU)'}; the longest "
+                  f"that fits (auto settings resolved per length): {longest:,} tokens")
 
 
 @app.command()
@@ -409,9 +493,18 @@ def recipes(ctx: typer.Context):
 
 @recipes_app.command("show")
 @handled
-def recipes_show(name: str = typer.Argument(..., help="Shipped recipe name or file.")):
-    """Print a recipe."""
-    print(recipes_mod.find(name).read_text(), end="")
+def recipes_show(
+    name: str = typer.Argument(..., help="Shipped recipe name or file."),
+    resolved: bool = typer.Option(False, "--resolved", help="Every key as a run would resolve it (defaults filled in), then the plan of `pi-lora plan --recipe NAME`."),
+):
+    """Print a recipe file, or (--resolved) what it resolves to and its plan."""
+    path = recipes_mod.find(name)
+    if not resolved:
+        print(path.read_text(), end="")
+        return
+    quiet()
+    recipe, _ = recipes_mod.resolve(recipes_mod.read(path), [], {}, source=str(path))
+    show_resolved(recipe, gpu_plan)
 
 
 @recipes_app.command("validate")
@@ -449,5 +542,8 @@ def quiet() -> None:
 
 
 def main():
-    quiet()
+    # OpenMP threads that spin while waiting for a core another process holds slow a shared machine down
+    # several-fold (5x per demo step on 2 cores at load 7; bench/demo_speed.py); waiting passively costs
+    # little on idle cores. Set before torch loads its OpenMP runtime; the user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()

@@ -112,6 +112,17 @@ def demo_key() -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def demo_config():
+    """The demo base's config: its own once built, else as build_tiny_llama will make it (the tokenizer's
+    512 tokens, <s> and </s> first), for planning without building it."""
+    from transformers import AutoConfig, LlamaConfig
+
+    folder = home() / f"demo-base-{demo_key()}"
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(folder)
+    return LlamaConfig(vocab_size=512, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, **DEMO_CONFIG)
+
+
 def demo_base(progress=None) -> Path:
     """The demo base model folder (tiny LLaMA pretrained at 256 tokens), built once and reused."""
     from .run import publish
@@ -122,7 +133,7 @@ def demo_base(progress=None) -> Path:
     if progress is not None:
         progress.console.print(f"building the demo base once: a tiny LLaMA pretrained at "
                                f"{DEMO_CONFIG['max_position_embeddings']} tokens for {PRETRAIN['steps']} steps "
-                               f"(under a minute on 2 idle cores), cached in {folder}")
+                               f"(about a minute of CPU time), cached in {folder}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-base-", dir=folder.parent))
     try:

@@ -290,10 +290,7 @@ def passkey_prompt(tokenizer, length: int, distance: int, key: int) -> tuple[lis
     """The paper's prompt, `length` tokens long, the key's sentence starting `distance` tokens before
     the end (the end is the question). Distances beyond what the task text leaves put the key right
     after it; distances shorter than the key's sentence and the question put it just before the question."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    head = bos + token_ids(tokenizer, TASK + " ")
-    info = token_ids(tokenizer, f" The pass key is {key}. Remember it. {key} is the pass key. ")
-    question = token_ids(tokenizer, " " + QUESTION)
+    head, info, question = prompt_parts(tokenizer, key)
     filler = token_ids(tokenizer, " " + FILLER)
     room = length - len(head) - len(info) - len(question)
     if room < 0:
@@ -302,6 +299,18 @@ def passkey_prompt(tokenizer, length: int, distance: int, key: int) -> tuple[lis
     fill = filler * (room // len(filler) + 2)
     prompt = head + fill[: room - after] + info + fill[room - after : room] + question
     return prompt, str(key)
+
+
+def prompt_parts(tokenizer, key: int) -> tuple[list[int], list[int], list[int]]:
+    """The task text (after BOS), the key's sentence and the question: what every prompt holds."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return (bos + token_ids(tokenizer, TASK + " "),
+            token_ids(tokenizer, f" The pass key is {key}. Remember it. {key} is the pass key. "),
+            token_ids(tokenizer, " " + QUESTION))
+
+
+def shortest_prompt(tokenizer) -> int:
+    return sum(len(part) for part in prompt_parts(tokenizer, 99999))
 
 
 def passkey_found(generated: str, key: str) -> bool:
@@ -405,6 +414,7 @@ class Settings:
     quant: str = "none"
     baselines: bool = True  # a run is shown beside its base with no scaling and with its own, untrained
     trust_remote_code: bool = False
+    passkey_check: bool = True  # first try the key right before the question (see able_to_retrieve)
 
 
 def perplexities(nll, lengths: list[int], stride: int, first: int, end: int, progress=None) -> dict[int, Scored]:
@@ -446,6 +456,21 @@ def perplexity_part(subject: Subject, s: Settings, lengths: list[int], section, 
     }
 
 
+def able_to_retrieve(subject: Subject, s: Settings, longest: int, progress=None) -> str | None:
+    """Why the model cannot do the task at all, or None. The key right before the question, in a prompt
+    within the length the base was trained at, is the easiest the task gets; a model that retrieves
+    none of `trials` keys there has k_max 0 at every length and distance (k_max grows outward from the
+    question), so measuring them all would only spend time (a tiny model: most of its evaluation).
+    A trained length too short for a prompt: the shortest prompt."""
+    length = min(max(subject.trained_len or longest, shortest_prompt(subject.tokenizer)), longest)
+    (hits,) = passkey_accuracy(subject.net, subject.tokenizer, length, [1], s.trials, progress=progress).values()
+    if hits:
+        return None
+    return (f"0 of {s.trials} keys retrieved right before the question in {length:,}-token prompts (the "
+            f"easiest case): the model cannot do the task, so no distance was measured "
+            f"(--no-passkey-check measures them anyway)")
+
+
 def passkey_part(subject: Subject, s: Settings, lengths: list[int], progress=None) -> dict:
     out = {}
     for length in s.passkey_lengths or lengths[-1:]:
@@ -458,10 +483,14 @@ def passkey_part(subject: Subject, s: Settings, lengths: list[int], progress=Non
 
 def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
     lengths = sorted(s.lengths or default_lengths(subject.max_len, min(2048, subject.trained_len or 2048)))
-    result = {"max_len": subject.max_len, **subject.notes}
+    result = {"max_len": subject.max_len, "trained_len": subject.trained_len, **subject.notes}
     if s.perplexity:
         result.update(perplexity_part(subject, s, lengths, section, progress))
-    if s.passkey:
+    longest_prompt = max(s.passkey_lengths or lengths[-1:])
+    unable = able_to_retrieve(subject, s, longest_prompt, progress) if s.passkey and s.passkey_check else None
+    if unable:
+        result["passkey_unable"] = unable
+    elif s.passkey:
         result["passkey"] = passkey_part(subject, s, lengths, progress)
     return result
 
@@ -479,13 +508,19 @@ def shared_lengths(specs: list[str], s: Settings) -> Settings:
 
 
 def subjects(specs: list[str], s: Settings):
-    """(spec, rope setting, label, with adapter) of everything to evaluate, in table order."""
+    """(spec, rope setting, label, with adapter) of everything to evaluate, in table order. A run under
+    another --scaling than its own is labelled with both: its adapter was trained under its own."""
     for spec in specs:
-        if s.rope is None and s.baselines and is_run(Path(spec)):
+        run_folder = is_run(Path(spec))
+        if s.baselines and run_folder:
             for setting, label in baselines(spec):
                 yield spec, setting, label, False
         for setting in parse_ropes(s.rope):
-            yield spec, setting, None, True
+            label = None
+            if run_folder and setting is not None:
+                own = baselines(spec)[1][0].text
+                label = f"{spec}: adapter trained with {own}, evaluated with {setting.text}"
+            yield spec, setting, label, True
 
 
 def default_output(specs: list[str]) -> Path:
@@ -594,27 +629,59 @@ def passkey_rows(results: dict):
             yield label, int(length), entry
 
 
+def marks(results: dict) -> dict[int, str]:
+    """Lengths to mark on the perplexity axis: each base's trained length, and each length a model was
+    extended to past it (a run's target)."""
+    out = {}
+    for r in results.values():
+        trained, claimed = r.get("trained_len") or 0, r.get("max_len") or 0
+        if trained:
+            out[trained] = "trained length"
+        if claimed > trained and out.get(claimed) != "trained length":
+            out[claimed] = "target"
+    return out
+
+
 def figure(results: dict):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = list(passkey_rows(results))
+    fig, axes = plt.subplots(1, 2 if rows else 1, figsize=(11 if rows else 6, 4), squeeze=False)
+    left = axes[0][0]
+    evaluated = set()
     for label, r in results.items():
         if "perplexity" not in r:
             continue
         lengths = sorted(int(k) for k in r["perplexity"])
+        evaluated.update(lengths)
         left.plot(lengths, [r["perplexity"][str(n)] for n in lengths], marker="o", label=label)
-    for label, length, entry in passkey_rows(results):
-        distances = sorted(int(k) for k in entry["accuracy"])
-        right.plot(distances, [entry["accuracy"][str(d)] for d in distances], marker="o",
-                   label=f"{label}, {length:,}-token prompt")
     left.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",
              title="Perplexity with L tokens of context")
-    right.set(xlabel="distance from the question (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
-              title="Passkey retrieval")
-    for ax in (left, right):
+    # log axes ticked where something was measured, in plain numbers (not 3x10^2)
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")
+    left.set_xticks(sorted(evaluated))
+    left.xaxis.set_minor_locator(NullLocator())
+    left.xaxis.set_major_formatter(plain)
+    left.yaxis.set_major_formatter(plain)
+    left.yaxis.set_minor_formatter(NullFormatter())
+    if evaluated:
+        for length, what in marks(results).items():
+            left.axvline(length, color="grey", linestyle="--", linewidth=1)
+            left.annotate(f"{what} {length:,}", (length, 1), xycoords=("data", "axes fraction"), rotation=90,
+                          ha="right", va="top", fontsize=7, color="grey")
+    if rows:
+        right = axes[0][1]
+        for label, length, entry in rows:
+            distances = sorted(int(k) for k in entry["accuracy"])
+            right.plot(distances, [entry["accuracy"][str(d)] for d in distances], marker="o",
+                       label=f"{label}, {length:,}-token prompt")
+        right.set(xlabel="distance from the question (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
+                  title="Passkey retrieval")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -626,24 +693,39 @@ def tables(results: dict):
     """Perplexity by context length and passkey k_max, one row per model (and rope setting)."""
     from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     measured = {label: r for label, r in results.items() if "perplexity" in r}
     lengths = sorted({int(n) for r in measured.values() for n in r["perplexity"]})
     context = {n: min(r["min_context"][str(n)] for r in measured.values() if str(n) in r["min_context"])
                for n in lengths}
+    notes = [SCORED_RULE]
     ppl = Table("model", *[f"{n:,}\n(ctx >= {context[n]:,})" for n in lengths], "scored tokens",
                 title="perplexity with L tokens of context (the same tokens at every L)", title_justify="left")
     for label, r in measured.items():
         cells = [f"{r['perplexity'][str(n)]:.2f}" if str(n) in r["perplexity"] else "-" for n in lengths]
+        if "-" in cells:
+            notes.append(f"- {label}: not measured past its own length, {r['max_len']:,} (without --lengths each "
+                         "model is measured up to its own length; --lengths measures all at the same lengths)")
         counts = sorted({v for v in r["scored_tokens"].values()})
         ppl.add_row(label, *cells, ", ".join(f"{c:,}" for c in counts))
-    out = [ppl] if measured else []
+    out = [ppl, Text("\n".join(notes), style="dim")] if measured else []
     rows = list(passkey_rows(results))
-    if rows:
+    unable = {label: r["passkey_unable"] for label, r in results.items() if r.get("passkey_unable")}
+    if rows or unable:
         keys = Table("model", "prompt", "k_max", "accuracy by distance from the question", title="passkey retrieval",
                      title_justify="left")
         for label, length, entry in rows:
             acc = " ".join(f"{int(k):,}:{v:.0%}" for k, v in entry["accuracy"].items())
             keys.add_row(label, f"{length:,}", f"{entry['k_max']:,}", acc)
+        for label, why in unable.items():
+            keys.add_row(label, "-", "0", "not measured*")
         out.append(keys)
+        if unable:
+            out.append(Text("\n".join(f"* {label}: {why}" for label, why in unable.items()), style="dim"))
     return Group(*out)
+
+
+SCORED_RULE = ("Scored tokens: each model's perplexities at every L are of the same tokens, the ones that get "
+               "at least L - stride tokens of context at its longest L; another longest L scores other tokens, "
+               "so compare numbers within one table.")

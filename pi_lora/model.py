@@ -115,6 +115,10 @@ SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # alias -> config.json, so 
 
 def plan_config(base: str, revision: str | None = None, trust_remote_code: bool = False):
     """The config to plan memory with: the shipped copy for an alias, else the base's own."""
+    if base == DEMO:  # planned without building it: a dry run writes nothing
+        from .demo import demo_config
+
+        return demo_config()
     shipped = SHIPPED_CONFIGS / f"{base}.json"
     if base in ALIASES and shipped.is_file():
         from transformers import LlamaConfig

@@ -545,12 +545,13 @@ def table(d: Decision, title: str):
         grid.add_row(name, f"{value / GiB:.2f}")
     layer, head = e.parts["one layer's recompute + backward"], e.parts["LM head + loss"]
     if e.settings.gpus == 1:
-        grid.add_row("[dim]the smaller phase, not at the peak[/]", f"[dim]-{min(layer, head) / GiB:.2f}[/]")
-        grid.add_row("[bold]peak (allocated)[/]", f"[bold]{e.peak / GiB:.2f}[/]")
-    else:
-        grid.add_row(f"[bold]peak on the busiest of {e.settings.gpus} GPUs[/]", f"[bold]{e.peak / GiB:.2f}[/]")
-    if e.cuda:
-        grid.add_row("+ CUDA context and allocator slack", f"{(e.needs - e.peak) / GiB:.2f}")
+        grid.add_row("[dim]minus the smaller of the last two (they never run at once)[/]",
+                     f"[dim]-{min(layer, head) / GiB:.2f}[/]")
+    if e.cuda:  # on a CPU the peak is what it needs
+        busiest = f" on the busiest of {e.settings.gpus} GPUs" if e.settings.gpus > 1 else ""
+        grid.add_row(f"peak of the tensors{busiest} (what torch reports as allocated)", f"{e.peak / GiB:.2f}")
+        grid.add_row("CUDA context and allocator slack", f"{(e.needs - e.peak) / GiB:.2f}")
+    grid.add_row("[bold]needs per device[/]", f"[bold]{e.needs / GiB:.2f}[/]")
     if e.offloaded:
         grid.add_row("[dim]host memory for offloaded activations[/]", f"[dim]{e.offloaded / GiB:.2f}[/]")
     if e.loading:

@@ -304,7 +304,7 @@ def resolve(file_tree: dict, sets: list[str], flags: dict[str, Any], source: str
     try:
         recipe = validate(tree, source=source)
     except RecipeError as e:  # a bad --set does not hide the other problems, nor they it
-        raise RecipeError(set_problems + e.problems, source=source) from None
+        raise blamed(set_problems + e.problems, set(leaves(set_tree)), source) from None
     if set_problems:
         raise RecipeError(set_problems, source=source)
     if recipe.output is None:
@@ -317,6 +317,16 @@ def resolve(file_tree: dict, sets: list[str], flags: dict[str, Any], source: str
         if value != flat_defaults.get(key)
     }
     return recipe, overrides
+
+
+def blamed(problems: list[str], set_keys: set[str], source: str) -> RecipeError:
+    """The problems, each of a key given with --set said to be of --set, not of the recipe file."""
+    def of_set(problem: str) -> bool:
+        key = problem.removeprefix("--set ").split(":")[0].strip("' ")
+        return problem.startswith("--set ") or any(key == k or key.startswith(k + ".") for k in set_keys)
+
+    named = [p if p.startswith("--set ") or not of_set(p) else f"--set {p}" for p in problems]
+    return RecipeError(named, source="--set" if all(map(of_set, problems)) else source)
 
 
 def dump(recipe: Recipe) -> str:

@@ -136,9 +136,8 @@ def describe(p: Prepared, console: Console) -> None:
     d = p.memory
     chosen = planner.spell(planner.Shape.of(p.config), d.chosen) or "none"
     console.print(
-        f"[bold]memory[/]: planned peak {d.estimate.peak / planner.GiB:.2f} GiB per device, needs "
-        f"{d.estimate.needs / planner.GiB:.2f} of {d.budget / planner.GiB:.1f} GiB (auto settings: {chosen}; "
-        "breakdown: pi-lora plan)"
+        f"[bold]memory[/]: needs {d.estimate.needs / planner.GiB:.2f} of {d.budget / planner.GiB:.2f} GiB per "
+        f"device (auto settings: {chosen}; breakdown: pi-lora plan)"
     )
 
 
@@ -413,7 +412,8 @@ def compare_memory(p: Prepared, on: torch.device, before_gb: float) -> str:
     measured = memory_gib(on) - (0 if on.type == "cuda" else before_gb)
     planned = p.memory.estimate.peak / planner.GiB
     kind = "max allocated" if on.type == "cuda" else "resident memory growth"
-    return f"memory after the first step: {measured:.2f} GiB measured ({kind}), {planned:.2f} GiB planned"
+    return (f"memory after the first step: peak of the tensors {measured:.2f} GiB measured ({kind}), "
+            f"{planned:.2f} GiB planned")
 
 
 def oom_message(p: Prepared, on: torch.device) -> str:
@@ -491,9 +491,56 @@ class InfoColumn(ProgressColumn):
         return Text(str(task.fields.get("info", "")))
 
 
+PLAIN_EVERY = 30.0  # seconds between the plain progress lines of a task when stdout is not a terminal
+
+
+class LoggedProgress(Progress):
+    """A progress bar that, where it is not drawn (stdout is a file, a pipe, a scheduler's log), prints a
+    plain line per task every PLAIN_EVERY seconds and when it finishes: what, how far, the rate. rich
+    has no such mode. A task added with `own_lines=True` (training, which logs its steps) prints none."""
+
+    def add_task(self, description, *args, own_lines: bool = False, **kwargs):
+        task_id = super().add_task(description, *args, **kwargs)
+        self._lines = {**getattr(self, "_lines", {}), task_id: None if own_lines else time.monotonic()}
+        return task_id
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._say(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._say(task_id)
+
+    def _say(self, task_id) -> None:
+        said = self._lines.get(task_id)
+        if not self.disable or said is None:
+            return
+        task = self._tasks[task_id]
+        done = task.total is not None and task.completed >= task.total
+        if not done and time.monotonic() - said < PLAIN_EVERY:
+            return
+        self._lines[task_id] = None if done else time.monotonic()  # the finished line is the last
+        self.console.print(plain_line(task, done), highlight=False, soft_wrap=True)
+
+
+def plain_line(task, done: bool) -> str:
+    """`perplexity: 12/40 (30%), 1.3/s, 9s, about 21s left  info`: one task's progress as text."""
+    elapsed = task.elapsed or 0.0
+    rate = task.completed / elapsed if elapsed > 0 else 0.0
+    far = f"{task.completed:,.0f}/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else f"{task.completed:,.0f}"
+    line = f"{task.description}: {far}, {rate:,.2f}/s, {elapsed:,.0f}s"
+    if done:
+        line += " (done)"
+    elif rate > 0 and task.total:
+        line += f", about {(task.total - task.completed) / rate:,.0f}s left"
+    info = str(task.fields.get("info", "")).strip()
+    return f"{line}  {info}" if info else line
+
+
 def progress_bar(console: Console) -> Progress:
-    """The one progress display of every command; drawn only in a terminal."""
-    return Progress(
+    """The one progress display of every command: drawn in a terminal, plain lines elsewhere."""
+    return LoggedProgress(
         TextColumn("[bold]{task.description}"),
         BarColumn(bar_width=20),
         MofNCompleteColumn(),
@@ -718,7 +765,7 @@ def run_steps(p: Prepared, console: Console, trainee: Trainee, state: RunState, 
     state.rng = distributed.gather(rng_state(), world)
     first = state.done + 1
     with progress_bar(console) as bar, sigterm_as_interrupt():
-        task = bar.add_task("train", total=t.steps, completed=state.done, info="")
+        task = bar.add_task("train", total=t.steps, completed=state.done, info="", own_lines=True)
         try:
             for step in range(first, t.steps + 1):
                 record = one_step(p, trainee, batches, state, step, on, dtype)

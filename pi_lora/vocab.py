@@ -67,14 +67,30 @@ def pre_hash(tokenizer) -> str:
 
 
 def pre_name(tokenizer) -> str:
-    """llama.cpp's name for this BPE tokenizer's pre-tokenizer, found as its converter finds it."""
-    name = PRE_BY_HASH.get(pre_hash(tokenizer))
+    """llama.cpp's name for this BPE tokenizer's pre-tokenizer, found as its converter finds it, else
+    from the split itself where that is exactly one llama.cpp has."""
+    name = PRE_BY_HASH.get(pre_hash(tokenizer)) or split_name(tokenizer)
     if name is None:
         raise PiLoraError(
             "llama.cpp does not know this BPE tokenizer (its check-text hash is not in the table), so the GGUF "
             "would tokenize differently there; give llama.cpp's pre-tokenizer name with --tokenizer-pre NAME "
             "(llama.cpp's src/llama-vocab.cpp lists them, e.g. gpt-2, llama-bpe, smollm).")
     return name
+
+
+def split_name(tokenizer) -> str | None:
+    """"gpt-2" for a tokenizer whose whole pre-processing is GPT-2's byte-level split, else None.
+
+    The converter's hash names a pre-tokenizer only for vocabularies it has seen: the ids depend on the
+    merges. A tokenizer trained afresh (the demo's) has a new hash, yet its split is llama.cpp's "gpt-2"
+    exactly when there is no normalizer and the only pre-tokenizer is ByteLevel with GPT-2's regex and
+    no prefix space. The export's own check then compares the two tokenizations.
+    """
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    split = spec.get("pre_tokenizer") or {}
+    gpt2 = (split.get("type") == "ByteLevel" and split.get("use_regex", True)
+            and not split.get("add_prefix_space", False))
+    return "gpt-2" if gpt2 and spec.get("normalizer") is None else None
 
 
 def vocab_kind(folder: Path) -> str:

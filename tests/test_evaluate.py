@@ -213,6 +213,7 @@ def test_eval_of_run_equals_eval_of_merged_and_writes_outputs(trained_run, tiny_
     merge_mod.merge(trained_run, merged, check=False)
     result = RUNNER.invoke(app, ["eval", str(trained_run), str(merged), str(tiny_base), "--lengths", "64,128,256",
                                  "--stride", "32", "--data", str(corpus), "--quick", "--passkey-lengths", "192,256",
+                                 "--no-passkey-check",
                                  "--output", str(tmp_path / "ev")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]
@@ -287,7 +288,7 @@ def test_eval_compares_rope_settings_side_by_side(tiny_base, corpus, tmp_path):
 
 def test_eval_passkey_alone(tiny_base, corpus, tmp_path):
     result = RUNNER.invoke(app, ["eval", str(tiny_base), "--no-perplexity", "--passkey-lengths", "192", "--distances", "2",
-                                 "--trials", "1", "--data", str(corpus), "--output", str(tmp_path / "k")],
+                                 "--trials", "1", "--no-passkey-check", "--data", str(corpus), "--output", str(tmp_path / "k")],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     (r,) = json.loads((tmp_path / "k" / "results.json").read_text())["results"].values()
@@ -392,3 +393,63 @@ def test_lengths_shorter_than_four_positions_still_bin(tiny_base, corpus, tmp_pa
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "e" / "results.json").read_text())["results"][str(tiny_base)]
     assert len(saved["by_position"]) == 3 and set(saved["perplexity"]) == {"2", "3"}
+
+
+# --- what the table and the plot say -----------------------------------------------------------------
+
+def rendered(results: dict) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=250, force_terminal=True)
+    console.print(ev.tables(results))
+    return " ".join(console.export_text().split())
+
+
+def test_every_dash_says_why_and_the_scored_token_rule_is_printed():
+    short = {"perplexity": {"64": 3.0}, "scored_tokens": {"64": 32}, "min_context": {"64": 32}, "max_len": 64}
+    long = {"perplexity": {"64": 3.5, "256": 2.5}, "scored_tokens": {"64": 32, "256": 32},
+            "min_context": {"64": 32, "256": 224}, "max_len": 256}
+    text = rendered({"base": short, "extended": long})
+    assert text.count("│ - ") == 1
+    assert "- base: not measured past its own length, 64" in text and "- extended:" not in text
+    assert "Scored tokens: each model's perplexities at every L are of the same tokens" in text
+
+
+def test_a_model_unable_to_retrieve_is_listed_with_the_reason():
+    unable = {"perplexity": {"64": 3.0}, "scored_tokens": {"64": 32}, "min_context": {"64": 32}, "max_len": 64,
+              "passkey_unable": "0 of 2 keys retrieved right before the question"}
+    text = rendered({"tiny": unable})
+    assert "│ tiny │ - │ 0 │ not measured* │" in text and "* tiny: 0 of 2 keys retrieved right before the question" in text
+    assert len(ev.figure({"tiny": unable}).axes) == 1  # no empty passkey panel
+
+
+def test_plot_is_ticked_at_the_evaluated_lengths_and_marks_trained_and_target():
+    results = {"base": {"perplexity": {"256": 9.0, "512": 80.0, "1024": 400.0}, "max_len": 256, "trained_len": 256},
+               "run": {"perplexity": {"256": 9.5, "512": 9.0, "1024": 8.8}, "max_len": 1024, "trained_len": 256}}
+    left = ev.figure(results).axes[0]
+    assert list(left.get_xticks()) == [256, 512, 1024]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["256", "512", "1,024"]
+    assert not left.xaxis.get_minor_locator()()  # no 3x10^2 between them
+    assert sorted(line.get_xdata()[0] for line in left.lines if line.get_linestyle() == "--") == [256, 1024]
+    assert {t.get_text() for t in left.texts} == {"trained length 256", "target 1,024"}
+
+
+def test_the_passkey_check_skips_a_model_that_cannot_retrieve(tiny_base, corpus, tmp_path):
+    result = RUNNER.invoke(app, ["eval", str(tiny_base), "--no-perplexity", "--passkey-lengths", "192", "--distances", "4",
+                                 "--trials", "1", "--data", str(corpus), "--output", str(tmp_path / "k")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads((tmp_path / "k" / "results.json").read_text())["results"].values()
+    assert "passkey" not in r and r["passkey_unable"].startswith("0 of 1 keys retrieved right before the question in")
+    assert "not measured*" in result.output
+
+
+def test_scaling_on_a_run_keeps_the_baselines_and_says_what_the_adapter_was_trained_with(trained_run, corpus, tmp_path):
+    result = RUNNER.invoke(app, ["eval", str(trained_run), "--scaling", "yarn:4", "--lengths", "64,256", "--stride", "64",
+                                 "--windows", "1", "--no-passkey", "--data", str(corpus), "--output", str(tmp_path / "s")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    labels = list(json.loads((tmp_path / "s" / "results.json").read_text())["results"])
+    name = trained_run.name
+    assert labels == [f"{name}: base, no scaling", f"{name}: base, linear:4 untrained",
+                      f"{trained_run}: adapter trained with linear:4, evaluated with yarn:4"]

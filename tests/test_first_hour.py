@@ -99,8 +99,8 @@ def test_train_under_a_pseudo_terminal(tiny_base, corpus, tmp_path):
 
 @pytest.mark.parametrize("command,shown", [
     ("merge", ["[default: RUN_DIR/merged]", "[default: the base's own]", "bf16|fp16|fp32", "full|dequantized"]),
-    ("train", ["[default: what the device has]"]),
-    ("plan", ["[default: this machine's GPU, or 24GiB]"]),
+    ("train", ["else what the device has]"]),
+    ("plan", ["else this machine's GPU, else 24GiB]"]),
 ])
 def test_help_shows_defaults_and_choices(command, shown):
     result = RUNNER.invoke(app, [command, "--help"], env={"COLUMNS": "250"})

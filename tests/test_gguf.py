@@ -116,7 +116,22 @@ def spm_run(spm_base, corpus, tmp_path_factory):
     return train(spm_base, corpus, tmp_path_factory.mktemp("spm-run") / "run")
 
 
-def test_unknown_bpe_tokenizer_is_an_error_that_names_the_option(bpe_run, tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tiny_base, corpus, tmp_path_factory):
+    """A run on the demo's kind of tokenizer: byte-level BPE trained afresh, GPT-2's split."""
+    return train(tiny_base, corpus, tmp_path_factory.mktemp("demo-run") / "run")
+
+
+def test_demo_tokenizer_exports_with_no_flags(demo_run, tmp_path):
+    out = tmp_path / "demo.gguf"
+    result = RUNNER.invoke(app, ["export", str(demo_run), "--format", "gguf", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert fields(out)["tokenizer.ggml.pre"] == "gpt-2"
+    assert "verified: " in result.output and "tokenizer not verified" not in result.output
+
+
+def test_unknown_bpe_tokenizer_is_an_error_that_names_the_option(bpe_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(vocab, "split_name", lambda tokenizer: None)  # a split llama.cpp has no name for
     out = tmp_path / "m.gguf"
     result = RUNNER.invoke(app, ["export", str(bpe_run), "--format", "gguf", "--output", str(out)])
     assert result.exit_code == 2 and "--tokenizer-pre NAME" in result.output
@@ -174,10 +189,30 @@ def test_pre_name_is_found_by_llamacpp_hash(tiny_base, monkeypatch):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    monkeypatch.setattr(vocab, "split_name", lambda tokenizer: None)
     with pytest.raises(PiLoraError, match="--tokenizer-pre"):
         vocab.pre_name(tokenizer)
-    monkeypatch.setitem(vocab.PRE_BY_HASH, vocab.pre_hash(tokenizer), "gpt-2")
-    assert vocab.pre_name(tokenizer) == "gpt-2"
+    monkeypatch.setitem(vocab.PRE_BY_HASH, vocab.pre_hash(tokenizer), "smollm")
+    assert vocab.pre_name(tokenizer) == "smollm"  # the hash wins over the split
+
+
+def test_gpt2_split_is_named_from_the_tokenizer_itself():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def named(split, normalizer=None):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = split
+        if normalizer is not None:
+            tok.normalizer = normalizer
+        return vocab.split_name(PreTrainedTokenizerFast(tokenizer_object=tok))
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert named(byte_level) == "gpt-2"
+    assert named(pre_tokenizers.ByteLevel(add_prefix_space=True)) is None
+    assert named(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)) is None
+    assert named(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])) is None
+    assert named(byte_level, normalizers.NFKC()) is None
 
 
 def test_sentencepiece_export_keeps_scores_types_and_tokenizes_like_transformers(spm_run, spm_base, tmp_path):
@@ -320,6 +355,19 @@ def test_bpe_export_with_special_tokens_tokenizes_like_transformers_in_llamacpp(
     out = tmp_path / "bpe.gguf"
     export.export_gguf(bpe_run, out, "fp32", tokenizer_pre="gpt-2")
     check_in_llamacpp(llama_bin, out, AutoTokenizer.from_pretrained(bpe_base), TEXT, 256, tmp_path)
+
+
+@pytest.mark.slow
+def test_demo_tokenizer_export_with_no_flags_tokenizes_like_transformers_in_llamacpp(llama_bin, demo_run, tiny_base,
+                                                                                     tmp_path):
+    from transformers import AutoTokenizer
+
+    from pi_lora.demo import TEXT
+
+    out = tmp_path / "demo.gguf"
+    export.export_gguf(demo_run, out, "fp32")  # no tokenizer_pre: found from the split
+    reference = AutoTokenizer.from_pretrained(tiny_base)
+    check_in_llamacpp(llama_bin, out, reference, TEXT, 256, tmp_path, text=vocab.VERIFY_TEXT)
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def test_a_llama3_base_is_extended_in_its_own_kind(llama3_base, corpus, tmp_path
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--scaling", "dynamic"], "what is trained would not be what runs"),
+    (["--set", "rope.scaling=dynamic"], "what is trained would not be what runs"),
     (["--scaling", "ntk", "--set", "rope.beta_fast=8"], "apply to yarn only"),
 ])
 def test_refused_settings_are_one_line_exit_2(tiny_base, corpus, tmp_path, extra, message):
