@@ -11,24 +11,41 @@ from typing import Literal, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperOption
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from . import recipe as recipes_mod
 from .errors import OutOfMemory, PiLoraError, first_line
 
-# typer prints "<bool>" after every switch (--resume <bool>), which reads as if it took a value: a
-# switch shows no value type.
-_display_type = TyperOption.display_type_rich
-TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
+
+class _Switches:
+    """typer prints "<bool>" after every switch (--resume <bool>, --help <bool>), which reads as if it
+    took a value: a switch gets an empty metavar, so its help row shows no value type."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_Switches, TyperCommand):
+    pass
+
+
+class Group(_Switches, TyperGroup):
+    pass
+
 
 app = typer.Typer(
+    cls=Group,
     help="Extend a RoPE model's context window by Position Interpolation, training LoRA on a 4-bit base.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-recipes_app = typer.Typer(help="List, show and validate recipes.", invoke_without_command=True)
+recipes_app = typer.Typer(cls=Group, help="List, show and validate recipes.", invoke_without_command=True)
 app.add_typer(recipes_app, name="recipes")
 console = Console()
 err_console = Console(stderr=True)
@@ -38,6 +55,7 @@ FLAG_KEYS = {
     "base": "model.base",
     "target_len": "rope.target_len",
     "scaling": "rope.scaling",
+    "train_len": "rope.train_len",
     "source": "data.source",
     "output": "output",
     "steps": "train.steps",
@@ -55,7 +73,8 @@ FLAG_KEYS = {
 NO_DEFAULT = {"model.base": "required, from this flag or the recipe",
               "rope.target_len": "required, from this flag or the recipe",
               "output": "the recipe's, else runs/<base name>-<target_len>",
-              "train.gpu_mem": "the recipe's, else what the device has"}
+              "train.gpu_mem": "the recipe's, else what the device has",
+              "rope.train_len": "the recipe's, else the target length"}
 
 
 def recipe_flag(key: str, text: str) -> str:
@@ -178,13 +197,14 @@ def print_recipe(resolved) -> None:
         console.print(f"[dim]{section}: {values}[/]", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @handled
 def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name (`pi-lora recipes`) \\[default: none: the flags and the built-in defaults]."),
     base: Optional[str] = typer.Option(None, help=recipe_flag("model.base", "Base model: alias (see `pi-lora models`), hub id or folder.")),
     target_len: Optional[int] = typer.Option(None, help=recipe_flag("rope.target_len", "New context length L'; PI factor is L'/L.")),
-    scaling: Optional[Literal["linear", "yarn", "ntk"]] = typer.Option(None, help=recipe_flag("rope.scaling", "How positions are extended: linear (Position Interpolation), yarn, or ntk (NTK-aware theta).")),
+    scaling: Optional[Literal["linear", "yarn", "ntk", "none"]] = typer.Option(None, help=recipe_flag("rope.scaling", "How positions are extended: linear (Position Interpolation), yarn, ntk (NTK-aware theta), or none (plain RoPE: a no-PI control).")),
+    train_len: Optional[int] = typer.Option(None, help=recipe_flag("rope.train_len", "Short windows (PoSE): tokens per trained sequence, with position ids spread over the target length.")),
     source: Optional[str] = typer.Option(None, "--source", "--data", help=recipe_flag("data.source", "Training data: a hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder.")),
     output: Optional[str] = typer.Option(None, "--output", "-o", help=recipe_flag("output", "Run folder.")),
     steps: Optional[int] = typer.Option(None, help=recipe_flag("train.steps", "Optimizer steps.")),
@@ -274,7 +294,7 @@ def show_verification(what: str, checked) -> None:
         console.print(f"[yellow]{what} not verified[/]: {checked.detail}", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @handled
 def merge(
     run_dir: Path = typer.Argument(..., help="Run folder made by `pi-lora train`."),
@@ -303,7 +323,7 @@ def merge(
     console.print(f"[green]merged[/] into {output}")
 
 
-@app.command()
+@app.command(cls=Command)
 @handled
 def export(
     run_dir: Path = typer.Argument(..., help="Run folder made by `pi-lora train`."),
@@ -334,7 +354,7 @@ def export(
     console.print(f"[green]exported[/] {dtype} GGUF to {out}")
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 @handled
 def eval_(
     models_: list[str] = typer.Argument(..., metavar="MODEL...", help="Run folders, merged or plain model folders, hub ids/aliases, or .gguf files."),
@@ -381,7 +401,7 @@ def eval_(
     console.print(f"[green]results[/] in {output / 'results.json'}, plot in {output / 'plot.png'}")
 
 
-@app.command()
+@app.command(cls=Command)
 @handled
 def plan(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name (`pi-lora recipes`) \\[default: none: the flags and the built-in defaults]."),
@@ -393,6 +413,7 @@ def plan(
     processes: int = typer.Option(1, min=1, help="torchrun processes (one per GPU) the run will use: data parallel, sharded with --shard."),
     batch_size: Optional[int] = typer.Option(None, help=recipe_flag("train.batch_size", "Sequences per micro-batch.")),
     rank: Optional[int] = typer.Option(None, help=recipe_flag("lora.rank", "LoRA rank.")),
+    train_len: Optional[int] = typer.Option(None, help=recipe_flag("rope.train_len", "Short windows (PoSE): tokens per trained sequence.")),
     set_: list[str] = typer.Option([], "--set", help="Any recipe key: --set train.loss_chunk=2048 (repeatable) \\[default: none]."),
 ):
     """Predict a GPU training run's memory by component, whether it fits, and the settings that make it fit.
@@ -401,7 +422,8 @@ def plan(
     """
     tree = recipes_mod.read(recipes_mod.find(recipe)) if recipe else {}
     flags = {"model.base": base, "rope.target_len": target_len, "train.gpu_mem": gpu_mem,
-             "train.batch_size": batch_size, "lora.rank": rank, "model.gpus": gpus, "model.shard": shard}
+             "train.batch_size": batch_size, "lora.rank": rank, "model.gpus": gpus, "model.shard": shard,
+             "rope.train_len": train_len}
     resolved, _ = recipes_mod.resolve(tree, set_, flags, source=recipe or "flags")
     print_plan(resolved, *gpu_plan(resolved, processes))
 
@@ -411,7 +433,7 @@ def gpu_plan(resolved, processes: int = 1):
     shipped config of an alias. Returns the decision, the base's config and its interpolation."""
     import torch
 
-    from . import model, rope
+    from . import model, pose, rope
     from . import plan as planner
 
     m = resolved.model
@@ -424,6 +446,7 @@ def gpu_plan(resolved, processes: int = 1):
         resolved.train.gpu_mem = "24GiB"
     config = model.plan_config(m.base, m.revision, m.trust_remote_code)
     pi = rope.of_recipe(config, resolved.rope, model.TRAINED_LEN.get(m.base))
+    pose.check(resolved.rope, rope.extends(pi))
     compute_bytes = 4 if m.compute_dtype == "fp32" else 2
     return planner.decide(planner.Shape.of(config), resolved, compute_bytes, cuda=True, processes=processes), config, pi
 
@@ -431,7 +454,7 @@ def gpu_plan(resolved, processes: int = 1):
 def train_plan(resolved):
     """The plan `train` makes on this machine before loading any weight (pi_lora.train.plan_memory),
     from the config alone: nothing is downloaded but the config, nothing built or written."""
-    from . import model, rope
+    from . import model, pose, rope
     from . import train as train_mod
 
     m = resolved.model
@@ -439,6 +462,7 @@ def train_plan(resolved):
     model.check_rank(config, resolved.lora)
     pi = rope.of_recipe(config, resolved.rope, model.TRAINED_LEN.get(m.base))
     rope.check_trainable(pi)
+    pose.check(resolved.rope, rope.extends(pi))
     return train_mod.plan_memory(resolved, config), config, pi
 
 
@@ -449,7 +473,9 @@ def print_plan(resolved, decision, config, pi) -> None:
     m, shape = resolved.model, planner.Shape.of(config)
     title = (f"{m.base}: {pi.base_len:,} -> {pi.target_len:,} tokens (rope {pi.rope_type}, factor {pi.factor:g}), "
              f"{m.quant}, LoRA r={resolved.lora.rank}, "
-             f"batch {resolved.train.batch_size}")
+             f"batch {resolved.train.batch_size}"
+             + (f" x {resolved.rope.train_len:,}-token short windows (rope.train_len)"
+                if resolved.rope.train_len and resolved.rope.train_len < pi.target_len else ""))
     console.print(planner.table(decision, title))
     s = decision.estimate.settings
     chosen = planner.spell(shape, planner.resolved(shape, s))
@@ -466,7 +492,7 @@ def print_plan(resolved, decision, config, pi) -> None:
                   f"that fits (auto settings resolved per length): {longest:,} tokens")
 
 
-@app.command()
+@app.command(cls=Command)
 def models():
     """List the base-model aliases and the hub ids they stand for."""
     from .model import ALIASES, DEMO
@@ -491,7 +517,7 @@ def recipes(ctx: typer.Context):
     console.print(table)
 
 
-@recipes_app.command("show")
+@recipes_app.command("show", cls=Command)
 @handled
 def recipes_show(
     name: str = typer.Argument(..., help="Shipped recipe name or file."),
@@ -507,7 +533,7 @@ def recipes_show(
     show_resolved(recipe, gpu_plan)
 
 
-@recipes_app.command("validate")
+@recipes_app.command("validate", cls=Command)
 @handled
 def recipes_validate(files: list[str] = typer.Argument(..., help="Recipe files or shipped names.")):
     """Check recipes against the schema; every problem is listed with its key path."""

@@ -217,3 +217,14 @@ def test_no_scaling_trains_plain_rope_at_any_length(tiny_base, corpus, tmp_path)
         assert meta["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
         assert meta["factor"] == 1.0 and meta["rope_type"] == "none"
         assert rope.from_meta(meta).max_position_embeddings() == max(target, 64)
+
+
+def test_plan_and_train_take_the_same_flag():
+    shown = RUNNER.invoke(app, ["plan", "--base", "llama-7b", "--target-len", "32768", "--train-len", "4096"])
+    assert shown.exit_code == 0, shown.output
+    assert "4,096-token short windows (rope.train_len)" in " ".join(shown.output.split())
+    bad = RUNNER.invoke(app, ["plan", "--base", "llama-7b", "--target-len", "32768", "--train-len", "40000"])
+    assert bad.exit_code == 2 and "rope.train_len (40,000) is longer" in " ".join(bad.output.split())
+    dry = RUNNER.invoke(app, ["train", "--base", "llama-7b", "--target-len", "32768", "--train-len", "4096",
+                              "--dry-run"])
+    assert dry.exit_code == 0 and "train_len: 4096" in dry.output, dry.output
