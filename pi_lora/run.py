@@ -446,8 +446,9 @@ MARKS = {MERGED: META, PEFT: META, EVAL: "results.json"}
 
 def check_output(output: Path, kind: str, overwrite: bool, inputs=()) -> None:
     """Refuse, before any work, an output this command must not write: one that is, or holds, one of
-    its own `inputs`; an existing one without `overwrite`; and, even with it, anything but an empty
-    folder or a pi-lora output of this `kind` (a folder holding MARKS[kind], a GGUF file)."""
+    its own `inputs`; an existing one without `overwrite` (an empty folder for an evaluation is not
+    refused); and, even with it, anything but an empty folder or a pi-lora output of this `kind` (a
+    folder holding MARKS[kind], a GGUF file)."""
     output = Path(output).expanduser()
     check_writable(output)
     target = output.resolve()
@@ -464,10 +465,10 @@ def check_output(output: Path, kind: str, overwrite: bool, inputs=()) -> None:
         ours = _is_gguf(output)
     elif not output.is_dir():
         raise PiLoraError(f"--output '{output}' is a file; give a folder (the file is left alone).")
-    elif not contents(output):
+    elif not contents(output) and kind == EVAL:  # an evaluation may go into a folder made for it
         return
     else:
-        ours = (output / MARKS[kind]).is_file()
+        ours = not contents(output) or (output / MARKS[kind]).is_file()
     if not overwrite:
         raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
     if not ours:
