@@ -13,8 +13,10 @@
       outputs.json         what merge/export/eval made from the run, and from which adapter step
       merged/, peft/, <name>-<dtype>.gguf, eval/   those outputs, by default
 
-Every file and folder is written under a temporary name and renamed, so a kill at any moment
-leaves either the old complete thing or the new complete thing. Temporaries are named
+Every file and folder is written under a temporary name and renamed (a folder swapped in by an
+atomic exchange where the OS has one), so a kill at any moment leaves either the old complete thing
+or the new complete thing; an old folder a kill left aside as `.<name>.pi-lora-XXXXXXXX.old` is put
+back by the next command that writes or reads <name>. Temporaries are named
 `.<name>.pi-lora-XXXXXXXX.tmp`, so the next command that writes <name> removes those a killed
 process left. One process writes a target at a time: it holds an OS lock on `.<name>.lock` beside
 the target (see `writing`), which the OS drops when the process dies, so a kill -9 leaves no

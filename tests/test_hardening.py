@@ -697,3 +697,55 @@ def test_a_full_disk_is_named_as_such(done, tmp_path, mount):
                        "--tokenizer-pre", "gpt-2"])
     assert f"the disk is full: cannot write '{medium / 'm.gguf'}'" in message  # met
     assert list(small.iterdir()) == [] and list(medium.iterdir()) == []
+
+
+def test_a_run_folder_deleted_while_training_stops_the_run(tiny_base, corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = spawn(args(tiny_base, corpus, out, "--steps", "400", "--set", "train.save_every=3"))
+    wait_for_step(proc, out, 1)
+    shutil.rmtree(out)
+    text = " ".join(proc.communicate(timeout=240)[0].split())
+    assert proc.returncode == 2 and "was deleted or moved while training" in text and "Traceback" not in text, text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, says", [
+    (b"model:\n  base: demo\n  # caf\xe9\n", "is not UTF-8 text (byte 0xe9"),
+    (b"train:\n  steps: 3\ntrain:\n  lr: 0.1\n", "key 'train' is given twice"),
+    (b"a: " + b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    (b'a: &a ["x","x"]\n' + b"".join(b"%c: &%c [*%c,*%c]\n" % (98 + i, 98 + i, 97 + i, 97 + i) for i in range(9)),
+     "YAML aliases"),
+    ("lora:\n  ränk: 4\n".encode(), "lora.ränk: unknown key (did you mean 'rank'?)"),
+])
+def test_hostile_recipes_are_one_line(tmp_path, text, says):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(text)
+    assert says in refused(["recipes", "validate", str(recipe)])
+
+
+@pytest.mark.parametrize("setting, says", [
+    (".=1", "'.' has an empty name"), ("train..steps=3", "'train..steps' has an empty name"),
+    ("train.seed=18446744073709551616", "train.seed"), ("train.lr=1e30", "train.lr"),
+    ("train.steps=99999999999999999999", "train.steps"), ("train.weight_decay=.inf", "train.weight_decay"),
+])
+def test_settings_out_of_range_are_named(tiny_base, corpus, tmp_path, setting, says):
+    out = tmp_path / "out"
+    assert says in refused(["train", "--base", str(tiny_base), "--data", str(corpus), "--output", str(out),
+                            "--set", "rope.target_len=256", "--set", setting])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, says", [(b"", "is empty"), (b'{"text": "caf\xe9"}\n', "is not UTF-8 text")])
+def test_bad_jsonl_is_one_line(tiny_base, tmp_path, content, says):
+    source = tmp_path / "docs.jsonl"
+    source.write_bytes(content)
+    assert says in refused(args(tiny_base, source, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_tilde_in_output_is_the_home_folder(monkeypatch, tmp_path):
+    from pi_lora import recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    resolved, _ = recipe.resolve({}, ["output=~/runs/x"], {"model.base": "demo", "rope.target_len": 256})
+    assert resolved.output == str(tmp_path / "runs" / "x")
