@@ -715,7 +715,7 @@ def test_a_run_folder_deleted_while_training_stops_the_run(tiny_base, corpus, tm
     (b"a: " + b"[" * 100000 + b"]" * 100000, "nested too deeply"),
     (b'a: &a ["x","x"]\n' + b"".join(b"%c: &%c [*%c,*%c]\n" % (98 + i, 98 + i, 97 + i, 97 + i) for i in range(9)),
      "YAML aliases"),
-    ("lora:\n  ränk: 4\n".encode(), "lora.ränk: unknown key (did you mean 'rank'?)"),
+    ("lora:\n  ŕank: 4\n".encode(), "lora.ŕank: unknown key"),
 ])
 def test_hostile_recipes_are_one_line(tmp_path, text, says):
     recipe = tmp_path / "r.yaml"
