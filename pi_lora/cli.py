@@ -15,7 +15,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from . import recipe as recipes_mod
-from .errors import OutOfMemory, PiLoraError, first_line
+from .errors import Interrupted, OutOfMemory, PiLoraError, first_line, interrupts
 
 
 class _Switches:
@@ -109,7 +109,11 @@ def handled(command):
     def wrapper(*args, **kwargs):
         quiet()  # here, not at start-up: --help must not import transformers
         try:
-            return command(*args, **kwargs)
+            with interrupts():
+                return command(*args, **kwargs)
+        except KeyboardInterrupt:  # click would print "Aborted!" and exit 1
+            say("[bold red]interrupted[/]; what was there before is as it was.")
+            raise typer.Exit(Interrupted.exit_code) from None
         except PiLoraError as e:
             say(f"[bold red]error:[/] {e}")
             raise typer.Exit(e.exit_code) from None
@@ -312,8 +316,8 @@ def merge(
     from . import run
     from . import train as train_mod
 
-    if file_gib <= 0:
-        raise PiLoraError("--file-gib must be positive.")
+    if not 0 < file_gib < 2**20:  # nan and inf too
+        raise PiLoraError("--file-gib must be a positive number of GiB.")
     output = output or run_dir / run.MERGED
     with train_mod.progress_bar(console) as bar:
         checked = merge_mod.merge(run_dir, output, base, dtype, merge_base, verify, overwrite, file_gib, bar,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import PiLoraError, first_line
+from .errors import PiLoraError, check_text, first_line
 
 READERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -37,7 +37,7 @@ def local_files(source: str) -> list[Path] | None:
     if path.is_file():
         if path.suffix not in READERS:
             raise PiLoraError(f"data file '{source}' has an unsupported type; use one of {', '.join(READERS)}.")
-        return [path]
+        return readable([path])
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in READERS and p.is_file())
         if not files:
@@ -45,10 +45,22 @@ def local_files(source: str) -> list[Path] | None:
         kinds = {READERS[p.suffix] for p in files}
         if len(kinds) > 1:
             raise PiLoraError(f"data folder '{source}' mixes file kinds ({', '.join(sorted(kinds))}); use one.")
-        return files
+        return readable(files)
     if source.startswith((".", "/", "~")) or path.suffix in READERS:
         raise PiLoraError(f"data file '{source}' does not exist.")
     return None
+
+
+def readable(files: list[Path]) -> list[Path]:
+    """Text files that are UTF-8 and hold something: the datasets readers fail on the others with a
+    traceback (a UnicodeDecodeError mid-way through tokenizing, a StopIteration on an empty JSON file)."""
+    for f in files:
+        if READERS[f.suffix] == "parquet":
+            continue
+        check_text(f)
+        if READERS[f.suffix] == "json" and f.stat().st_size < 1 << 16 and not f.read_bytes().strip():
+            raise PiLoraError(f"data file '{f}' is empty.")
+    return files
 
 
 def open_dataset(section, files: list[Path] | None, streaming: bool):
@@ -69,7 +81,8 @@ def open_dataset(section, files: list[Path] | None, streaming: bool):
         return datasets.load_dataset(
             reader, data_files=[str(f) for f in files], split="train", streaming=streaming, **extra
         )
-    except (FileNotFoundError, ValueError, ConnectionError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, StopIteration,
+            datasets.exceptions.DatasetGenerationError) as e:
         cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
         raise PiLoraError(f"cannot read data '{section.source}': {first_line(cause)}") from e
 

@@ -2,6 +2,29 @@
 2 bad input, 3 out of memory, 130 interrupted (Ctrl-C or SIGTERM). 1 is left to crashes (a bug)."""
 
 
+import contextlib
+import signal
+import threading
+
+
+@contextlib.contextmanager
+def interrupts():
+    """One signal policy for every command: SIGTERM (a scheduler, `kill`) stops it as Ctrl-C does, so
+    the same cleanup runs and the CLI says one line and exits 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def first_line(error: BaseException) -> str:
     """A library error's first line: enough to act on, without its traceback."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -26,3 +49,46 @@ class OutOfMemory(PiLoraError):
     """The accelerator ran out of memory; the message says what to change."""
 
     exit_code = 3
+
+
+class Interrupted(PiLoraError):
+    """Ctrl-C or SIGTERM: the message says what was kept."""
+
+    exit_code = 130
+
+
+def read_text(path, what: str = "file") -> str:
+    """The one reader of text a user gives (recipes, data files): UTF-8, else one line naming the file
+    and the byte, never a traceback."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PiLoraError(f"{what} '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start:,}); save it as UTF-8.") from None
+    except FileNotFoundError:
+        raise PiLoraError(f"{what} '{path}' does not exist.") from None
+    except OSError as e:
+        raise PiLoraError(f"cannot read {what} '{path}': {e.strerror}.") from None
+
+
+def check_text(path, what: str = "data file") -> None:
+    """What `read_text` checks, for a file too large to hold: UTF-8 throughout, else the same one line."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    raise PiLoraError(f"{what} '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                                      f"{offset + e.start:,}); save it as UTF-8.") from None
+                offset += len(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise PiLoraError(f"{what} '{path}' is not UTF-8 text (it ends inside a character); save it as UTF-8.") from None
+    except OSError as e:
+        raise PiLoraError(f"cannot read {what} '{path}': {e.strerror}.") from None

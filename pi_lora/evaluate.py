@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import model, rope, run
-from .errors import PiLoraError, first_line
+from .errors import Interrupted, PiLoraError, first_line
 from .loss import parts
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -63,10 +63,10 @@ def parse_rope(text: str) -> Rope:
             factor = float(arg)
         except ValueError:
             factor = 0.0
-        if factor >= 1:
+        if 1 <= factor < 2**20:  # inf or nan would reach the rope tables as inf and nan
             return Rope(text.strip(), kind, factor)
     raise PiLoraError(f"--scaling takes comma-separated settings, each 'none' or KIND:S with KIND one of "
-                      f"{', '.join(rope.SCALINGS)} and S >= 1; not '{text}'.")
+                      f"{', '.join(rope.SCALINGS)} and S a number from 1 (finite); not '{text}'.")
 
 
 def parse_lengths(text: str | None, flag: str) -> list[int] | None:
@@ -76,6 +76,8 @@ def parse_lengths(text: str | None, flag: str) -> list[int] | None:
         lengths = [int(x) for x in text.split(",")] if text else None
     except ValueError:
         raise PiLoraError(f"{flag} must be comma-separated integers, not '{text}'.") from None
+    if lengths and max(lengths) >= 2**31:
+        raise PiLoraError(f"{flag}: {max(lengths):,} tokens is beyond any model.")
     if lengths and min(lengths) < 2:
         raise PiLoraError(f"{flag}: every length must be at least 2, not {min(lengths)}.")
     return lengths
@@ -571,43 +573,55 @@ def evaluate(specs: list[str], s: Settings, section, output: Path | None = None,
 
 @contextlib.contextmanager
 def writing_output(output: Path, specs: list[str], overwrite: bool):
-    """Be the one writer of `output` while no `train --resume` changes the runs measured. An output
-    that holds anything is refused without `overwrite` and emptied with it, as every command treats
-    its output; one that is (or holds) a model being evaluated is refused either way."""
-    run.check_writable(output)
-    if output.exists() and not output.is_dir():
-        raise PiLoraError(f"--output '{output}' is a file; give a folder.")
-    target = output.resolve()
-    inside = [spec for spec in specs
-              if Path(spec).exists() and (Path(spec).resolve() == target or target in Path(spec).resolve().parents)]
-    if inside:
-        raise PiLoraError(f"--output '{output}' holds '{inside[0]}', which is being evaluated; give another folder.")
+    """Be the one writer of `output` while no `train --resume` changes the runs measured. The output
+    is checked as every command checks its own (run.check_output): the models measured and the runs'
+    bases are its inputs, never replaced."""
+    runs = [Path(spec) for spec in specs if is_run(Path(spec))]
+    inputs = [Path(spec) for spec in specs if Path(spec).exists()]
+    for folder in runs:
+        meta = run.read_meta(folder)
+        inputs += [Path(b) for b in (meta.get("base_path"), meta.get("base")) if b and Path(b).exists()]
+    run.check_output(output, run.EVAL, overwrite, inputs)
     with contextlib.ExitStack() as held:
         held.enter_context(run.writing(output))
-        for folder in (Path(spec) for spec in specs if is_run(Path(spec))):
+        for folder in runs:
             held.enter_context(run.reading(folder))
-        if output.exists() and any(output.iterdir()):
-            if not overwrite:
-                raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
-            shutil.rmtree(output)
+        run.check_output(output, run.EVAL, overwrite)  # again, now that no other writer can change it
         yield
 
 
 def measure(specs: list[str], s: Settings, section, output: Path, progress=None) -> dict:
-    """The measurements, model by model, written to `output` after each one."""
+    """The measurements, model by model, into a folder that replaces `output` once all are done (a
+    failure leaves `output` as it was). Cut short by Ctrl-C or SIGTERM, the models finished are kept
+    when that replaces no earlier results."""
     results = {}
-    output.mkdir(parents=True, exist_ok=True)
     s = shared_lengths(specs, s)
-    for spec, setting, label, adapter in subjects(specs, s):
-        subject = load_subject(spec, setting, s.quant, trust_remote_code=s.trust_remote_code, label=label,
-                               adapter=adapter)
-        results[subject.label] = evaluate_one(subject, s, section, progress)
-        del subject
-        # after every model, so a long evaluation cut short keeps the models it finished
-        save_json(output / "results.json", {"settings": s.__dict__, "data": section.model_dump(),
-                                            "results": results})
-        save_plot(output / "plot.png", results)
+    todo = list(subjects(specs, s))
+    with run.atomic_dir(output) as tmp:
+        try:
+            for spec, setting, label, adapter in todo:
+                subject = load_subject(spec, setting, s.quant, trust_remote_code=s.trust_remote_code, label=label,
+                                       adapter=adapter)
+                results[subject.label] = evaluate_one(subject, s, section, progress)
+                del subject
+                save_json(tmp / "results.json", {"settings": s.__dict__, "data": section.model_dump(),
+                                                  "results": results})
+                save_plot(tmp / "plot.png", results)
+        except KeyboardInterrupt:
+            raise Interrupted(cut_short(tmp, output, len(results), len(todo))) from None
     return results
+
+
+def cut_short(tmp: Path, output: Path, done: int, total: int) -> str:
+    """Keep what an interrupted evaluation measured unless earlier results would go; say which."""
+    if run.contents(output):
+        return f"interrupted; the earlier results in {output} are kept as they were."
+    if not done:
+        return "interrupted before the first model was measured; nothing was written."
+    run.publish(tmp)
+    run.replace(tmp, output)
+    return (f"interrupted after {done} of {total} models; their results are in {output} "
+            "(run again with --overwrite for all).")
 
 
 def save_plot(path: Path, results: dict) -> None:

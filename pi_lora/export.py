@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import model, rope, run, vocab
 from .errors import PiLoraError, first_line
-from .merge import NOT_ASKED, TOO_LARGE, Verification
+from .merge import NOT_ASKED, TOO_LARGE, Verification, run_inputs
 
 FORMATS = ("peft", "gguf")
 # --dtype, named as everywhere else in pi-lora, and the GGUF tensor type each is written as
@@ -42,12 +42,12 @@ def export_peft(run_dir: Path, output: Path, overwrite: bool = False, trust_remo
     meta = run.read_meta(run_dir)
     run.require_trust(meta, trust_remote_code, "export")
     adapter = run_dir / run.ADAPTER
-    if not (adapter / "adapter_config.json").is_file():
-        raise PiLoraError(f"no adapter in '{run_dir}': the run has not finished (see its checkpoints/).")
-    run.check_writable(output)
+    run.check_output(output, run.PEFT, overwrite, run_inputs(run_dir, meta))
     with run.reading(run_dir), run.writing(output):
-        if output.exists() and not overwrite:
-            raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
+        run.recover(adapter)  # no train writes the run meanwhile (this holds its read lock)
+        if not (adapter / "adapter_config.json").is_file():
+            raise PiLoraError(f"no adapter in '{run_dir}': the run has not finished (see its checkpoints/).")
+        run.check_output(output, run.PEFT, overwrite)
         run.verify_adapter(adapter)
         return _export_peft(adapter, output, meta)
 
@@ -312,7 +312,7 @@ def check_logits(merged: Path, gguf_path: Path, meta: dict, outtype: str) -> Ver
     err = logits_error(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(),
                        read_gguf(gguf_path, rope.from_meta(meta)).eval(), meta)
     limit = GGUF_TOLERANCE[outtype]
-    if err > limit:
+    if not err <= limit:  # NaN compares false with everything: a NaN model fails here
         raise PiLoraError(f"GGUF round trip failed: logits differ by {err:.2e} (relative), limit {limit}.")
     return Verification("checked", "transformers reads the GGUF back with the merged model's logits", err)
 
@@ -325,10 +325,9 @@ def export_gguf(run_dir: Path, output: Path, dtype: str = "fp16", overwrite: boo
         raise PiLoraError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'.")
     meta = run.read_meta(run_dir)
     run.require_trust(meta, trust_remote_code, "export")
-    run.check_writable(output)
+    run.check_output(output, "gguf", overwrite, run_inputs(run_dir, meta))
     with run.reading(run_dir), run.writing(output):
-        if output.exists() and not overwrite:
-            raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
+        run.check_output(output, "gguf", overwrite)  # again, now that no other writer can change it
         with run.scratch(output) as scratch:
             return _export_gguf(run_dir, output, scratch, meta, DTYPES[dtype], check, progress, tokenizer_pre,
                                 trust_remote_code)
@@ -341,7 +340,8 @@ def _export_gguf(run_dir, output, scratch, meta, outtype, check, progress, token
     merge(run_dir, merged, check=False, progress=progress, trust_remote_code=trust_remote_code)
     tmp = run.temp_file(output, ".gguf")  # readers go by the suffix; unique per process
     try:
-        write_gguf(merged, tmp, meta, outtype, progress, tokenizer_pre, base_reference(meta))
+        with run.disk_full_named(output):
+            write_gguf(merged, tmp, meta, outtype, progress, tokenizer_pre, base_reference(meta))
         fields = gguf_fields(tmp)
         pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
         if check:

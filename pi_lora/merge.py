@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,8 +304,9 @@ def verify(out: Path, source: Path, adapter_dir: Path, meta: dict, into: str) ->
     merged_model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=bool(meta.get("trust_remote_code")))
     tolerance = max(TOLERANCE.get(p.dtype, 1e-2) for p in merged_model.parameters())
     err = logits_error(reference(source, adapter_dir, meta, into), merged_model.float().eval(), meta)
-    if err > tolerance:
-        raise PiLoraError(f"verification failed: merged logits differ from base + adapter by {err:.2e} (relative).")
+    if not err <= tolerance:  # NaN compares false with everything: a NaN model fails here
+        raise PiLoraError(f"verification failed: merged logits differ from base + adapter by {err:.2e} (relative)"
+                          + ("; the model computes NaN or infinite values." if not math.isfinite(err) else "."))
     return Verification("checked", "merged logits match base + adapter", err)
 
 
@@ -319,17 +321,23 @@ def merge(run_dir: Path, output: Path, base: str | None = None, dtype: str | Non
     if into == "dequantized" and meta.get("quant") not in ("nf4", "fp4"):
         raise PiLoraError(f"--merge-base dequantized needs a run trained on a 4-bit base; this one used "
                           f"quant '{meta.get('quant')}'. Use --merge-base full.")
-    run.check_writable(output)
+    run.check_output(output, run.MERGED, overwrite, run_inputs(run_dir, meta, base))
     with run.reading(run_dir), run.writing(output):
         return _merge(run_dir, output, meta, base, dtype, into, check, overwrite, file_gib, progress)
 
 
+def run_inputs(run_dir: Path, meta: dict, base: str | None = None) -> list[Path]:
+    """What a command reads from a run, and its base where that is a local folder: never its output."""
+    bases = [b for b in (base, meta.get("base_path"), meta.get("base")) if b and Path(b).expanduser().exists()]
+    return [run_dir / run.ADAPTER, run_dir / run.META, run_dir / run.RECIPE, *map(Path, bases)]
+
+
 def _merge(run_dir: Path, output: Path, meta: dict, base, dtype, into, check, overwrite, file_gib, progress):
     adapter_dir = run_dir / run.ADAPTER
+    run.recover(adapter_dir)  # no train writes the run meanwhile (merge holds its read lock)
     adapter = read_adapter(adapter_dir)
-    if output.exists() and not overwrite:
-        raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
     source = base_files(base or meta.get("base_path") or meta["base"], meta.get("revision"))
+    run.check_output(output, run.MERGED, overwrite, [source])
     need = sum(f.stat().st_size for f in weight_files(source))
     if dtype is not None:
         need = need * 4 // 2  # at most fp32 from a 16-bit base

@@ -13,15 +13,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import PiLoraError, RecipeError
+from .errors import PiLoraError, RecipeError, read_text
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Bounded where what consumes a number would overflow: a count past int32 is no setting anyone means,
+# and torch and numpy refuse (with a traceback) seeds past 2**32 and rates that overflow the weights.
+PosInt = Annotated[int, Field(gt=0, lt=2**31)]
+NonNegInt = Annotated[int, Field(ge=0, lt=2**31)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegFloat = Annotated[float, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+LearningRate = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]  # Adam moves each weight by about lr
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 class _Section(BaseModel):
@@ -63,7 +67,7 @@ class LoraSection(_Section):
     dropout: Fraction = 0.0
     target_modules: Literal["all-linear"] | list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     trainable: list[Literal["embed", "norm"]] = []
-    embed_lr: PosFloat | None = None  # learning rate of the trained embeddings (trainable: [embed]); None: train.lr
+    embed_lr: LearningRate | None = None  # learning rate of the trained embeddings (trainable: [embed]); None: train.lr
 
 
 class DataSection(_Section):
@@ -85,7 +89,7 @@ class DataSection(_Section):
 
 class TrainSection(_Section):
     steps: PosInt = 1000
-    lr: PosFloat = 2e-5
+    lr: LearningRate = 2e-5
     warmup_steps: NonNegInt = 20  # the lr rises linearly to train.lr over these steps, from lr/warmup_steps
     schedule: Literal["constant", "cosine"] = "constant"
     batch_size: PosInt = 1
@@ -104,7 +108,7 @@ class TrainSection(_Section):
     kernels: Literal["none", "liger"] = "none"
     weight_decay: NonNegFloat = 0.0
     betas: Annotated[list[Fraction], Field(min_length=2, max_length=2)] = [0.9, 0.95]
-    seed: int = 42
+    seed: Seed = 42
     log_every: PosInt = 1
     save_every: PosInt = 100
     keep_checkpoints: PosInt = 2  # the newest ones; the best by validation loss is kept as well
@@ -122,6 +126,12 @@ class Recipe(_Section):
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
 
+    @field_validator("output")
+    @classmethod
+    def _home(cls, value: str | None) -> str | None:
+        """`~` in output means the home folder, as it does in data.source."""
+        return str(Path(value).expanduser()) if value and value.startswith("~") else value
+
 
 REQUIRED = ("model.base", "rope.target_len")
 MOVED = {"model.gradient_checkpointing": "train.gradient_checkpointing"}  # old key -> its name now
@@ -132,6 +142,29 @@ class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `2e-5` as a string; recipes are full of such learning rates."""
 
 
+def _no_aliases(self, *args, **kwargs):
+    """An alias repeats a node: nested ones grow exponentially (a billion-laughs recipe) and no setting
+    needs one, so recipes are refused them."""
+    if self.check_event(yaml.AliasEvent):
+        event = self.peek_event()
+        raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in recipes",
+                                          event.start_mark)
+    return yaml.composer.Composer.compose_node(self, *args, **kwargs)
+
+
+def _unique_mapping(self, node, deep=False):
+    """A key given twice would silently win over the first; it is an error naming the key."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = self.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice", key_node.start_mark)
+        seen.add(key if isinstance(key, (str, int, float, bool)) else id(key))
+    return yaml.SafeLoader.construct_mapping(self, node, deep=deep)
+
+
+_Loader.compose_node = _no_aliases
+_Loader.construct_mapping = _unique_mapping
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
@@ -170,10 +203,13 @@ def find(name_or_path: str) -> Path:
 
 def read(path: Path) -> dict:
     """The raw mapping of a recipe file; YAML syntax errors say where."""
+    text = read_text(path, "recipe")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise RecipeError([f"not valid YAML: {e}"], source=str(path)) from e
+    except RecursionError:
+        raise RecipeError(["not a recipe: nested too deeply"], source=str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -198,8 +234,14 @@ def collect_sets(items: list[str]) -> tuple[dict, list[str]]:
         if not sep or not key.strip():
             problems.append(f"--set '{item}': expected key.path=value")
             continue
+        if not all(part.strip() for part in key.split(".")):
+            problems.append(f"--set '{item}': '{key.strip()}' has an empty name; expected key.path=value, "
+                            "e.g. train.steps=100")
+            continue
         try:
             set_path(tree, key.strip(), parse_value(value))
+        except RecursionError:
+            problems.append(f"--set '{item}': the value is nested too deeply")
         except yaml.YAMLError as e:
             problems.append(f"--set '{item}': the value is not valid YAML ({str(e).splitlines()[0]})")
         except RecipeError as e:
@@ -255,6 +297,8 @@ def _describe(errors: list[dict]) -> list[str]:
     for err in errors:
         # union branches add tags like "list[str]"; keep only real keys and list indices
         loc = [p for p in err["loc"] if isinstance(p, int) or re.fullmatch(r"[A-Za-z_]\w*", p)]
+        if err["type"] == "extra_forbidden" and loc[-1:] != [err["loc"][-1]]:
+            loc = [*loc, err["loc"][-1]]  # the unknown key itself, whatever its characters
         path = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden" and path in MOVED:
             msg = f"moved to {MOVED[path]}"

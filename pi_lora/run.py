@@ -13,8 +13,10 @@
       outputs.json         what merge/export/eval made from the run, and from which adapter step
       merged/, peft/, <name>-<dtype>.gguf, eval/   those outputs, by default
 
-Every file and folder is written under a temporary name and renamed, so a kill at any moment
-leaves either the old complete thing or the new complete thing. Temporaries are named
+Every file and folder is written under a temporary name and renamed (a folder swapped in by an
+atomic exchange where the OS has one), so a kill at any moment leaves either the old complete thing
+or the new complete thing; an old folder a kill left aside as `.<name>.pi-lora-XXXXXXXX.old` is put
+back by the next command that writes or reads <name>. Temporaries are named
 `.<name>.pi-lora-XXXXXXXX.tmp`, so the next command that writes <name> removes those a killed
 process left. One process writes a target at a time: it holds an OS lock on `.<name>.lock` beside
 the target (see `writing`), which the OS drops when the process dies, so a kill -9 leaves no
@@ -23,6 +25,8 @@ stale lock.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -119,15 +123,15 @@ def _acquire(path: Path, shared: bool, wait: bool) -> int | None:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        except PermissionError:
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise PiLoraError(f"cannot lock '{path}': {e.strerror}.") from None
             if shared and not path.exists():
                 return None
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError as e:
                 raise PiLoraError(f"cannot lock '{path}': {e.strerror}.") from None
-        except OSError as e:
-            raise PiLoraError(f"cannot lock '{path}': {e.strerror}.") from None
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -254,6 +258,7 @@ def sweep(target: Path) -> list[Path]:
     target = Path(target).absolute()
     if not holds(target) or not target.parent.is_dir():
         return []
+    recover(target)
     pattern = _temp_pattern(target.name)
     stale = [p for p in target.parent.iterdir() if pattern.match(p.name) and p not in _mine]
     for p in stale:
@@ -263,8 +268,36 @@ def sweep(target: Path) -> list[Path]:
     return stale
 
 
+def recover(target: Path) -> Path | None:
+    """Put back the previous `target` that a process killed between the two renames of a replacement
+    left as `.<name>.pi-lora-XXXXXXXX.old`, when `target` itself is gone. The caller keeps writers out
+    (it holds the target's write lock, or a read lock of the run that holds it)."""
+    target = Path(target)
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return None
+    pattern = _temp_pattern(target.name)
+    old = [p for p in target.parent.iterdir()
+           if pattern.match(p.name) and p.name.endswith(".old") and p.absolute() not in _mine]
+    if not old:
+        return None
+    newest = max(old, key=lambda p: p.lstat().st_mtime)
+    try:
+        newest.rename(target)
+    except OSError:  # another reader put it back first
+        return None
+    say(f"[yellow]restored[/] {target} from {newest.name}, which a stopped pi-lora process left")
+    return target
+
+
 _mine: set[Path] = set()  # temporaries of this process: never stale while it runs (a scratch folder
 # and the file written beside it for the same output)
+
+
+def _old_name(final: Path) -> Path:
+    """Where a replaced `final` waits until its replacement is in place."""
+    old = _temp_name(final).with_suffix(".old")
+    _mine.add(old.absolute())
+    return old
 
 
 def _temp_name(final: Path, suffix: str = "") -> Path:
@@ -332,17 +365,69 @@ def atomic_dir(final: Path):
     tmp = _temp_name(final)
     tmp.mkdir(mode=0o700)
     try:
-        yield tmp
-        publish(tmp)
-        if final.exists():
-            old = _temp_name(final).with_suffix(".old")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        with disk_full_named(final):
+            yield tmp
+            publish(tmp)
+            replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def disk_full_named(final: Path):
+    """A write of `final` that fails on a full disk is one line naming `final` and its disk: libraries
+    say it otherwise (safetensors' own error, numpy's "N requested and M written", the source file)."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, PiLoraError):
+            raise
+        try:
+            free = shutil.disk_usage(Path(final).absolute().parent).free
+        except OSError:
+            raise e from None
+        if getattr(e, "errno", None) == errno.ENOSPC or free < FULL:
+            raise PiLoraError(f"the disk is full: cannot write '{final}' ({free / 2**20:.0f} MiB free there). "
+                              "Nothing was replaced; free some space and run again.") from None
+        raise
+
+
+FULL = 16 * 2**20  # a failed write with less than this left found the disk full
+
+
+def replace(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` in the place of `final`. Where the OS swaps two names in one
+    step, a kill at any moment leaves the old or the new `final`; elsewhere the old one is renamed
+    aside first, and `recover` puts it back if a kill comes between the two renames."""
+    if not (final.exists() or final.is_symlink()):
+        tmp.rename(final)
+        return
+    if EXCHANGE and _exchange(tmp, final):  # tmp now holds the old folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = _old_name(final)
+    final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+
+
+EXCHANGE = True  # use renameat2(RENAME_EXCHANGE) where the OS and filesystem have it
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE), which Python's os module does
+    not wrap; False where the OS or the filesystem lacks it (the caller renames twice instead)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def check_writable(path: Path) -> None:
@@ -357,6 +442,51 @@ def check_writable(path: Path) -> None:
         raise PiLoraError(f"cannot create '{path}': no permission to write in '{folder}'.")
 
 
+# What marks each kind of output as one pi-lora wrote: --overwrite replaces those, never a user's files.
+MARKS = {MERGED: META, PEFT: META, EVAL: "results.json"}
+
+
+def check_output(output: Path, kind: str, overwrite: bool, inputs=()) -> None:
+    """Refuse, before any work, an output this command must not write: one that is, or holds, one of
+    its own `inputs`; an existing one without `overwrite` (an empty folder for an evaluation is not
+    refused); and, even with it, anything but an empty folder or a pi-lora output of this `kind` (a
+    folder holding MARKS[kind], a GGUF file)."""
+    output = Path(output).expanduser()
+    check_writable(output)
+    target = output.resolve()
+    for given in inputs:
+        source = Path(given).expanduser()
+        if source.exists() and (source.resolve() == target or target in source.resolve().parents):
+            what = "is" if source.resolve() == target else "holds"
+            raise PiLoraError(f"--output '{output}' {what} '{given}', which this command reads; give another output.")
+    if not (output.exists() or output.is_symlink()):
+        return
+    if kind == "gguf":
+        if output.is_dir():
+            raise PiLoraError(f"--output '{output}' is a folder; give a .gguf file.")
+        ours = _is_gguf(output)
+    elif not output.is_dir():
+        raise PiLoraError(f"--output '{output}' is a file; give a folder (the file is left alone).")
+    elif not contents(output) and kind == EVAL:  # an evaluation may go into a folder made for it
+        return
+    else:
+        ours = not contents(output) or (output / MARKS[kind]).is_file()
+    if not overwrite:
+        raise PiLoraError(f"output '{output}' exists; add --overwrite to replace it.")
+    if not ours:
+        what = "a GGUF file" if kind == "gguf" else f"a folder holding {MARKS[kind]}"
+        raise PiLoraError(f"--overwrite replaces what pi-lora wrote ({what}); '{output}' is not, so it is "
+                          "left alone. Give another output.")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def contents(folder: Path) -> list[Path]:
     """What a folder holds, apart from stale temporaries (the next writer removes those)."""
     return [p for p in folder.iterdir() if MARK not in p.name] if folder.is_dir() else []
@@ -369,6 +499,7 @@ def claim(folder: Path, resume: bool, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise PiLoraError(f"output '{folder}' is a file, not a folder.")
     check_writable(folder)
+    restore_previous(folder)
     busy = bool(contents(folder))
     if busy and overwrite and not ((folder / RECIPE).is_file() or (folder / META).is_file()):
         raise PiLoraError(f"--overwrite replaces run folders only; '{folder}' holds other files.")
@@ -381,10 +512,51 @@ def claim(folder: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def clear(folder: Path) -> None:
-    """Empty a run folder for --overwrite (the caller holds its lock, so nobody else is using it)."""
-    for p in folder.iterdir():
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+def set_aside(folder: Path) -> Path | None:
+    """For --overwrite: move the previous run beside its folder, as `.<name>.pi-lora-XXXXXXXX.old`, and
+    start an empty folder (the caller holds its lock, which lies beside it). The previous run stays
+    until the new one has a checkpoint: `put_back` restores it, `drop` removes it."""
+    if not contents(folder):
+        return None
+    old = _old_name(folder)
+    folder.rename(old)
+    folder.mkdir()
+    return old
+
+
+def put_back(previous: Path, folder: Path) -> None:
+    """The new run left nothing worth keeping: the previous run returns to its folder."""
+    shutil.rmtree(folder, ignore_errors=True)
+    previous.rename(folder)
+
+
+def drop(previous: Path | None) -> None:
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def restore_previous(folder: Path) -> None:
+    """A `train --overwrite` killed (kill -9) before its first checkpoint left the previous run beside
+    the new one: put it back; once the new run has a checkpoint, the previous one goes. Under the
+    folder's write lock (refused while another process holds it)."""
+    folder = Path(folder).absolute()
+    pattern = _temp_pattern(folder.name)
+
+    def left() -> list[Path]:
+        found = [p for p in folder.parent.iterdir() if pattern.match(p.name) and p.name.endswith(".old")
+                 and p.is_dir() and p not in _mine] if folder.parent.is_dir() else []
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+    if not left():
+        return
+    with writing(folder):  # re-entrant: most callers hold it already
+        for old in left():
+            if not checkpoints(folder) and not (folder / ADAPTER).exists():
+                put_back(old, folder)
+                say(f"[yellow]restored[/] the previous run in {folder}: a train --overwrite was stopped before "
+                    "its first checkpoint")
+            else:
+                drop(old)
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -497,6 +669,9 @@ def gguf_name(folder: Path, dtype: str) -> Path:
 def record_output(folder: Path, path: Path, kind: str) -> None:
     """Note in the run which adapter step an output (merged model, export, evaluation) was made from."""
     step = read_meta(folder).get("adapter_step")
+    if not os.access(folder, os.W_OK):  # a run on a read-only mount: the output is made, only not noted
+        say(f"[yellow]note[/]: '{folder}' cannot be written, so {OUTPUTS} there does not list {path}.")
+        return
     with writing(Path(folder) / OUTPUTS, wait=True):  # two commands may finish at once
         outputs = [o for o in read_outputs(folder) if o["path"] != str(Path(path).resolve())]
         outputs.append({"path": str(Path(path).resolve()), "kind": kind, "adapter_step": step})
@@ -530,7 +705,16 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
+def check_present(folder: Path) -> None:
+    """Stop a run whose folder was deleted or moved away while it trained, rather than recreate
+    orphaned files in its place."""
+    if not (Path(folder) / META).is_file():
+        raise PiLoraError(f"the run folder '{folder}' was deleted or moved while training ({META} is gone); "
+                          "stopping without writing more.")
+
+
 def append_metrics(folder: Path, record: dict) -> None:
+    check_present(folder)
     with open(folder / METRICS, "a") as f:
         f.write(json.dumps(record) + "\n")
 

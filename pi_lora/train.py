@@ -26,7 +26,7 @@ from rich.text import Text
 
 from . import __version__, data, distributed, kernels, loss, memory, model, pose, quant, rope, run
 from . import plan as planner
-from .errors import OutOfMemory, PiLoraError, first_line
+from .errors import Interrupted, OutOfMemory, PiLoraError, first_line
 from .recipe import Recipe, dump
 
 
@@ -276,7 +276,9 @@ def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer
     from safetensors.torch import save_file
 
     quant.check(net)
+    run.check_present(folder)
     weights = distributed.full(trainable(net))
+    check_finite(weights, step)
     sharded = distributed.is_sharded(net)
     optim = distributed.full_optimizer_state(net, optimizer) if sharded else optimizer.state_dict()
     if not distributed.current().main:
@@ -293,6 +295,15 @@ def save_checkpoint(folder: Path, step: int, sequences_seen: int, net, optimizer
     if best is not None and best["step"] == step:
         run.write_json(folder / run.BEST, {**best, "checkpoint": f"{run.CHECKPOINTS}/step-{step}"})
     run.prune(folder, keep, protect=best["step"] if best else None)
+
+
+def check_finite(weights: dict[str, torch.Tensor], step: int) -> None:
+    """Refuse to save NaN or infinite weights: a finite loss does not prove the update that followed it
+    was (a huge weight decay or learning rate overflows the weights after the loss was taken)."""
+    bad = next((name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise PiLoraError(f"step {step} made {bad} NaN or infinite; nothing of it is saved. Lower train.lr or "
+                          "train.weight_decay.")
 
 
 def digest(state: dict) -> str:
@@ -467,10 +478,6 @@ def unpack_batch(batch, on: torch.device) -> tuple[torch.Tensor, torch.Tensor | 
     return ids.to(on), None if positions is None else positions.to(on)
 
 
-class Interrupted(PiLoraError):
-    exit_code = 130
-
-
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """A scheduler's SIGTERM gets the same clean checkpoint as Ctrl-C."""
@@ -557,8 +564,33 @@ def already_complete(folder: Path, steps: int, checkpoint: Path | None) -> str |
     done = run.step_of(checkpoint) if checkpoint else 0
     if done < steps:
         return None
+    if complete_adapter(folder, checkpoint):
+        return (f"run '{folder}' is complete at step {done}; its adapter was not whole, and is written again "
+                f"from {checkpoint.name}.")
     return (f"run '{folder}' is already complete: {done} steps done, train.steps is {steps}; nothing changed. "
             f"To train longer: pi-lora train --resume --output {folder} --steps N (N > {done}).")
+
+
+def complete_adapter(folder: Path, checkpoint: Path) -> bool:
+    """A process killed while it wrote the final adapter leaves none, or the one before: write it again
+    from the last checkpoint, which holds the same adapter. Whether it had to."""
+    run.recover(folder / run.ADAPTER)
+    meta, step = run.read_meta(folder), run.step_of(checkpoint)
+    try:
+        run.verify_adapter(folder / run.ADAPTER)
+        if meta.get("adapter_step") == step:
+            return False
+    except PiLoraError:
+        pass
+    from .card import adapter_card
+
+    recipe = Recipe.model_validate(meta["recipe"])
+    with run.atomic_dir(folder / run.ADAPTER) as tmp:
+        shutil.copytree(checkpoint / run.ADAPTER, tmp, dirs_exist_ok=True)
+        meta = {**meta, "adapter_step": step}
+        (tmp / "README.md").write_text(adapter_card(meta, recipe, run.read_metrics(folder)))
+    run.write_json(folder / run.META, meta)
+    return True
 
 
 def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False,
@@ -575,8 +607,9 @@ def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False,
     except OSError as e:
         raise PiLoraError(f"cannot create the run folder '{folder}': {e.strerror}.") from None
     with run.writing(folder):  # held since the command started unless the folder's parent was new
+        previous = None
         if overwrite:  # run.claim checked it is a run folder; all input is checked now
-            run.clear(folder)
+            previous = run.set_aside(folder)  # kept until the new run has a checkpoint
             fresh = True
         sweep_run(folder)
         try:
@@ -586,13 +619,23 @@ def fit(p: Prepared, console: Console, resume: bool, overwrite: bool = False,
                 if not resume or not (folder / run.META).is_file():
                     run.write_json(folder / run.META, metadata(p))
                 distributed.barrier(world)
-                return _loop(p, console, checkpoint)
+                done = _loop(p, console, checkpoint)
         except BaseException as e:
             if fresh and not run.checkpoints(folder):
                 shutil.rmtree(folder, ignore_errors=True)
+                if previous is not None:
+                    run.put_back(previous, folder)
+                    kept = f"No checkpoint was written yet; the previous run in {folder} is kept as it was."
+                    if isinstance(e, (KeyboardInterrupt, Interrupted)):
+                        raise Interrupted(f"interrupted. {kept}") from None
+                    run.say(f"[yellow]note[/]: {kept}")
+                    raise
+            run.drop(previous)
             if isinstance(e, KeyboardInterrupt):
                 raise Interrupted(f"interrupted. {after_stop(folder)}") from None
             raise
+        run.drop(previous)
+        return done
 
 
 def sweep_run(folder: Path) -> None:
@@ -858,6 +901,8 @@ def finish(p: Prepared, net, console: Console) -> None:
     """Write the adapter with its model card, record its step, and name outputs it makes stale."""
     folder, world, steps = p.folder, distributed.current(), p.recipe.train.steps
     weights = distributed.full(trainable(net)) if p.recipe.model.shard else None
+    check_finite(weights if weights is not None else trainable(net), steps)
+    run.check_present(folder)
     if world.main:
         with run.atomic_dir(folder / run.ADAPTER) as tmp:
             net.save_pretrained(tmp, state_dict=weights)

@@ -316,7 +316,7 @@ def test_eval_output_is_refused_or_replaced_before_anything_is_measured(tiny_bas
     held = tmp_path / "models" / "m"  # only its path is used: nothing loads
     held.mkdir(parents=True)
     (held / "config.json").write_text("{}")
-    with pytest.raises(PiLoraError, match="which is being evaluated"):
+    with pytest.raises(PiLoraError, match="which this command reads"):
         ev.evaluate([str(held)], ev.Settings(lengths=[32]), section, held.parent, overwrite=True)
     assert (held / "config.json").is_file()
 

@@ -450,3 +450,302 @@ def test_an_os_error_is_one_line(done, monkeypatch, tmp_path):
 def test_damaged_metrics_lines_are_dropped(tmp_path):
     (tmp_path / run.METRICS).write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n{"step": 3}\n')
     assert run.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+# 10. Never destroy what was there ---------------------------------------------------------------
+
+
+def new_run_started(out: Path, steps: int) -> bool:
+    """The run in `out` is the new one (its recipe says `steps`), not the one it replaces."""
+    try:
+        return f"steps: {steps}\n" in (out / run.RECIPE).read_text()
+    except OSError:
+        return False
+
+
+def wait_until(proc, condition, timeout=120):
+    import time
+
+    start = time.time()
+    while time.time() - start < timeout:
+        if condition():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended early: {proc.stdout.read()}")
+        time.sleep(0.005)
+    pytest.fail("the command did not get there in time")
+
+
+def test_overwrite_stopped_before_its_first_checkpoint_keeps_the_previous_run(done, tiny_base, corpus, tmp_path):
+    out = copy_run(done, tmp_path / "run")
+    before = tree(out)
+    proc = spawn(args(tiny_base, corpus, out, "--overwrite", "--steps", "397"))
+    wait_until(proc, lambda: new_run_started(out, 397))
+    proc.send_signal(signal.SIGINT)
+    text = " ".join(proc.communicate(timeout=120)[0].split())
+    assert proc.returncode == 130, text
+    assert "previous run" in text and "kept" in text and "Traceback" not in text
+    assert tree(out) == before and not [p for p in tmp_path.iterdir() if run.MARK in p.name]
+
+
+def test_overwrite_killed_before_its_first_checkpoint_keeps_the_previous_run(done, tiny_base, corpus, tmp_path):
+    out = copy_run(done, tmp_path / "run")
+    before = tree(out)
+    proc = spawn(args(tiny_base, corpus, out, "--overwrite", "--steps", "397"))
+    wait_until(proc, lambda: new_run_started(out, 397))
+    kill(proc)
+    result = RUNNER.invoke(app, ["train", "--resume", "--output", str(out), "--steps", "8"])
+    assert result.exit_code == 0, result.output
+    assert "restored the previous run" in " ".join(result.output.split())
+    assert tree(out) == before and not [p for p in tmp_path.iterdir() if run.MARK in p.name]
+
+
+def poison(folder: Path, value: float) -> None:
+    """Every lora_B of the adapter in `folder` set to `value`: finite weights whose model is not."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: t.fill_(value) if "lora_B" in k else t for k, t in tensors.items()}, weights)
+
+
+def test_a_model_that_computes_nan_fails_verification(done, tmp_path):
+    out = copy_run(done, tmp_path / "run")
+    poison(out / run.ADAPTER, 1e30)  # what --lr 1e30 made: finite weights, overflowing logits
+    message = refused(["merge", str(out), "--output", str(tmp_path / "merged")])
+    assert "verification failed" in message and "NaN" in message and not (tmp_path / "merged").exists()
+    message = refused(["export", str(out), "--format", "gguf", "--output", str(tmp_path / "m.gguf"),
+                       "--tokenizer-pre", "gpt-2"])
+    assert "failed" in message and not (tmp_path / "m.gguf").exists()
+
+
+def test_weights_that_became_nan_are_not_saved(tiny_base, corpus, tmp_path):
+    out = tmp_path / "run"
+    message = refused(args(tiny_base, corpus, out, "--steps", "1", "--set", "train.weight_decay=1e300"))
+    assert "NaN or infinite" in message and "train.weight_decay" in message
+    assert not out.exists()
+
+
+def test_eval_never_replaces_a_base_or_an_input(done, tiny_base, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    out = copy_run(done, tmp_path / "run")
+    meta = json.loads((out / run.META).read_text())
+    (out / run.META).write_text(json.dumps({**meta, "base_path": str(base)}))
+    before = tree(base)
+    message = refused(["eval", str(out), "--output", str(base), "--overwrite", "--quick", "--lengths", "64"])
+    assert "which this command reads" in message and tree(base) == before
+
+
+@pytest.mark.parametrize("where", ["adapter", "base", "run"])
+def test_merge_never_writes_over_its_own_inputs(done, tiny_base, tmp_path, where):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    out = copy_run(done, tmp_path / "run")
+    target = {"adapter": out / run.ADAPTER, "base": base, "run": out}[where]
+    before, base_before = tree(out), tree(base)
+    message = refused(["merge", str(out), "--base", str(base), "--output", str(target), "--overwrite"])
+    assert "which this command reads" in message
+    assert tree(out) == before and tree(base) == base_before
+
+
+@pytest.mark.parametrize("command", ["merge", "eval"])
+def test_overwrite_leaves_a_users_files_alone(done, tmp_path, command):
+    out = copy_run(done, tmp_path / "run")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("mine too")
+    extra = ["--quick", "--lengths", "64"] if command == "eval" else []
+    assert "is a file" in refused([command, str(out), "--output", str(notes), "--overwrite", *extra])
+    assert "left alone" in refused([command, str(out), "--output", str(folder), "--overwrite", *extra])
+    assert notes.read_text() == "mine" and (folder / "thesis.tex").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt", "run"]
+    assert RUNNER.invoke(app, ["merge", str(out), "--output", str(tmp_path / "merged")]).exit_code == 0
+    assert notes.read_text() == "mine" and (folder / "thesis.tex").read_text() == "mine too"
+
+
+EVAL_ARGS = ["--lengths", "64,256", "--stride", "16", "--windows", "40", "--trials", "30", "--distances", "16"]
+
+
+def test_eval_overwrite_stopped_keeps_the_earlier_results(done, corpus, tmp_path):
+    out = copy_run(done, tmp_path / "run")
+    first = RUNNER.invoke(app, ["eval", str(out), "--quick", "--lengths", "256", "--data", str(corpus)])
+    assert first.exit_code == 0, first.output
+    before = tree(out / run.EVAL)
+    assert set(before) == {"results.json", "plot.png"}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = spawn(["eval", str(out), "--overwrite", "--data", str(corpus), *EVAL_ARGS])
+        # under way: its lock is taken (and, before the fix, the old results were deleted at once)
+        wait_until(proc, lambda: run.lock_file(out / run.EVAL).exists() or not (out / run.EVAL).exists())
+        proc.send_signal(sig)
+        text = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 130, text
+        assert "interrupted" in text and "Traceback" not in text and len(text.strip().splitlines()) <= 3, text
+        assert tree(out / run.EVAL) == before
+    assert not [p for p in out.iterdir() if run.MARK in p.name or p.name.endswith(".lock")]
+
+
+KILLED_BETWEEN_RENAMES = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pi_lora import run
+    run.EXCHANGE = False  # the two-rename replacement, as where the OS cannot swap
+    rename = Path.rename
+    def slow(self, target):
+        out = rename(self, target)
+        if str(target).endswith(".old") and Path(target).name.startswith(".adapter"):
+            print("between", flush=True)
+            time.sleep(600)
+        return out
+    Path.rename = slow
+    from pi_lora.cli import main
+    sys.argv = ["pi-lora", *sys.argv[1:]]
+    main()
+""")
+
+
+def test_kill_between_the_renames_of_the_final_adapter_is_recovered(done, tmp_path):
+    out = copy_run(done, tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BETWEEN_RENAMES, "train", "--resume", "--output", str(out),
+                             "--steps", "10"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    for line in proc.stdout:
+        if line.strip() == "between":
+            break
+    kill(proc)
+    assert not (out / run.ADAPTER).exists()  # the state a kill there leaves
+    merged = RUNNER.invoke(app, ["merge", str(out), "--output", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output  # the previous adapter is back
+    result = RUNNER.invoke(app, ["train", "--resume", "--output", str(out), "--steps", "10"])
+    assert result.exit_code == 0, result.output
+    assert "written again from step-10" in " ".join(result.output.split())
+    assert run.read_meta(out)["adapter_step"] == 10
+    assert (out / run.ADAPTER / "adapter_model.safetensors").read_bytes() == \
+        (out / run.CHECKPOINTS / "step-10" / run.ADAPTER / "adapter_model.safetensors").read_bytes()
+    assert not [p for p in out.iterdir() if run.MARK in p.name]
+
+
+def test_replacing_a_folder_swaps_it_in_one_step(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old").write_text("old")
+    with run.writing(final), run.atomic_dir(final) as tmp:
+        (tmp / "new").write_text("new")
+    assert [p.name for p in final.iterdir()] == ["new"] and list(tmp_path.iterdir()) == [final]
+
+
+@pytest.mark.parametrize("command", ["merge", "eval"])
+def test_sigterm_is_one_line_and_exit_130(done, corpus, tmp_path, command):
+    out = copy_run(done, tmp_path / "run")
+    argv = ["merge", str(out)] if command == "merge" else ["eval", str(out), "--data", str(corpus), *EVAL_ARGS]
+    target = out / (run.MERGED if command == "merge" else run.EVAL)
+    proc = spawn(argv)
+    wait_until(proc, lambda: run.lock_file(target).exists())
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "interrupted" in text and "Traceback" not in text, text
+    assert not target.exists() or command == "eval"
+
+
+def test_interrupt_while_importing_is_one_line(tmp_path):
+    proc = spawn(["recipes", "validate", "demo"])
+    import time
+
+    time.sleep(0.3)  # the libraries are still importing
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and "Traceback" not in text, text
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(folder, options): a real mount for this test (root only), unmounted after."""
+    mounted = []
+
+    def make(folder: Path, *options: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0 or subprocess.run(["mount", *options, str(folder)], capture_output=True).returncode:
+            pytest.skip("needs mount (root)")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_run_on_a_read_only_mount_is_merged_and_exported_elsewhere(done, tmp_path, mount):
+    source = copy_run(done, tmp_path / "src" / "run")
+    ro = mount(tmp_path / "ro", "--bind", "-o", "ro", str(source.parent))
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+    for argv in (["merge", str(ro / "run"), "--output", str(tmp_path / "merged")],
+                 ["export", str(ro / "run"), "--output", str(tmp_path / "peft")]):
+        result = RUNNER.invoke(app, argv)
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "peft" / "adapter_config.json").is_file()
+
+
+def test_a_full_disk_is_named_as_such(done, tmp_path, mount):
+    out = copy_run(done, tmp_path / "run")
+    small = mount(tmp_path / "small", "-t", "tmpfs", "-o", "size=200k", "tmpfs")  # the base's weights: 560 kB
+    message = refused(["merge", str(out), "--output", str(small / "merged"), "--no-verify"])
+    assert "not enough disk" in message and str(small) in message  # foreseen
+    medium = mount(tmp_path / "medium", "-t", "tmpfs", "-o", "size=700k", "tmpfs")  # the merge fits, the GGUF not
+    message = refused(["export", str(out), "--format", "gguf", "--output", str(medium / "m.gguf"), "--no-verify",
+                       "--tokenizer-pre", "gpt-2"])
+    assert f"the disk is full: cannot write '{medium / 'm.gguf'}'" in message  # met
+    assert list(small.iterdir()) == [] and list(medium.iterdir()) == []
+
+
+def test_a_run_folder_deleted_while_training_stops_the_run(tiny_base, corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = spawn(args(tiny_base, corpus, out, "--steps", "400", "--set", "train.save_every=3"))
+    wait_for_step(proc, out, 1)
+    shutil.rmtree(out)
+    text = " ".join(proc.communicate(timeout=240)[0].split())
+    assert proc.returncode == 2 and "was deleted or moved while training" in text and "Traceback" not in text, text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, says", [
+    (b"model:\n  base: demo\n  # caf\xe9\n", "is not UTF-8 text (byte 0xe9"),
+    (b"train:\n  steps: 3\ntrain:\n  lr: 0.1\n", "key 'train' is given twice"),
+    (b"a: " + b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    (b'a: &a ["x","x"]\n' + b"".join(b"%c: &%c [*%c,*%c]\n" % (98 + i, 98 + i, 97 + i, 97 + i) for i in range(9)),
+     "YAML aliases"),
+    ("lora:\n  ŕank: 4\n".encode(), "lora.ŕank: unknown key"),
+])
+def test_hostile_recipes_are_one_line(tmp_path, text, says):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(text)
+    assert says in refused(["recipes", "validate", str(recipe)])
+
+
+@pytest.mark.parametrize("setting, says", [
+    (".=1", "'.' has an empty name"), ("train..steps=3", "'train..steps' has an empty name"),
+    ("train.seed=18446744073709551616", "train.seed"), ("train.lr=1e30", "train.lr"),
+    ("train.steps=99999999999999999999", "train.steps"), ("train.weight_decay=.inf", "train.weight_decay"),
+])
+def test_settings_out_of_range_are_named(tiny_base, corpus, tmp_path, setting, says):
+    out = tmp_path / "out"
+    assert says in refused(["train", "--base", str(tiny_base), "--data", str(corpus), "--output", str(out),
+                            "--set", "rope.target_len=256", "--set", setting])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, says", [(b"", "is empty"), (b'{"text": "caf\xe9"}\n', "is not UTF-8 text")])
+def test_bad_jsonl_is_one_line(tiny_base, tmp_path, content, says):
+    source = tmp_path / "docs.jsonl"
+    source.write_bytes(content)
+    assert says in refused(args(tiny_base, source, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_tilde_in_output_is_the_home_folder(monkeypatch, tmp_path):
+    from pi_lora import recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    resolved, _ = recipe.resolve({}, ["output=~/runs/x"], {"model.base": "demo", "rope.target_len": 256})
+    assert resolved.output == str(tmp_path / "runs" / "x")
