@@ -66,7 +66,8 @@ class LoraSection(_Section):
     alpha: PosFloat = 16.0
     dropout: Fraction = 0.0
     target_modules: Literal["all-linear"] | list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    trainable: list[Literal["embed", "norm"]] = []
+    # also trained (LongLoRA): the demo ablation found LoRA alone adapts worse (docs/results.md §3)
+    trainable: list[Literal["embed", "norm"]] = ["embed", "norm"]
     embed_lr: LearningRate | None = None  # learning rate of the trained embeddings (trainable: [embed]); None: train.lr
 
 
