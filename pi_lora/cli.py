@@ -458,15 +458,9 @@ def gpu_plan(resolved, processes: int = 1):
 def train_plan(resolved):
     """The plan `train` makes on this machine before loading any weight (pi_lora.train.plan_memory),
     from the config alone: nothing is downloaded but the config, nothing built or written."""
-    from . import model, pose, rope
     from . import train as train_mod
 
-    m = resolved.model
-    config = model.plan_config(m.base, m.revision, m.trust_remote_code)
-    model.check_rank(config, resolved.lora)
-    pi = rope.of_recipe(config, resolved.rope, model.TRAINED_LEN.get(m.base))
-    rope.check_trainable(pi)
-    pose.check(resolved.rope, rope.extends(pi))
+    config, pi = train_mod.config_for(resolved, plan_only=True)
     return train_mod.plan_memory(resolved, config), config, pi
 
 

@@ -53,10 +53,12 @@ class Prepared:
         return self.memory.estimate.settings
 
 
-def config_for(recipe: Recipe):
-    """The base's config with the recipe's rope setting applied, and that setting."""
+def config_for(recipe: Recipe, plan_only: bool = False):
+    """The base's config with the recipe's rope setting applied, and that setting. `plan_only`: the
+    config a plan needs (the demo's without building the demo base; see model.plan_config)."""
     m = recipe.model
-    config = model.load_config(m.base, m.revision, m.trust_remote_code)
+    load = model.plan_config if plan_only else model.load_config
+    config = load(m.base, m.revision, m.trust_remote_code)
     model.check_rank(config, recipe.lora)
     pi = rope.of_recipe(config, recipe.rope, model.TRAINED_LEN.get(m.base))
     rope.check_trainable(pi)
