@@ -11,7 +11,8 @@ pi-lora's own model, data, schedule and loss, with every weight trained.
     python bench/demo_ablation.py --rows pi-lora,pose  # some rows
     python bench/demo_ablation.py --steps 60 --out eval/demo-ablation-60
 
-Writes OUT/<row>/ (the run and its eval) and OUT/table.md, and the table into docs/results.md.
+Writes OUT/<row>/ (the run and its eval) and OUT/table.md; with --docs, the table into docs/results.md
+(replacing its section 3, prose included).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of every row (default 30)")
     parser.add_argument("--out", type=Path, default=Path("eval/demo-ablation"))
-    parser.add_argument("--no-docs", action="store_true", help="do not write docs/results.md")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/results.md (section 3)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe setting for every trained row, e.g. train.grad_accum=1")
     args = parser.parse_args()
@@ -169,7 +170,7 @@ def main() -> None:
     text = table(rows, args.steps)
     (args.out / "table.md").write_text(text)
     print(text)
-    if not args.no_docs:
+    if args.docs:
         write_section(HEADING, text, RESULTS)
 
 
