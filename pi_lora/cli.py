@@ -363,8 +363,8 @@ def export(
 def eval_(
     models_: list[str] = typer.Argument(..., metavar="MODEL...", help="Run folders, merged or plain model folders, hub ids/aliases, or .gguf files."),
     lengths: Optional[str] = typer.Option(None, help="Comma-separated context lengths L \\[default: powers of two from the base's trained length (at most 2048) up to the model's length]."),
-    stride: int = typer.Option(256, min=1, help="Sliding-window stride S (the paper's 256): every scored token has at least L - S tokens of context."),
-    windows: Optional[int] = typer.Option(None, min=1, help="Strides scored: stride x windows tokens, the same at every length \\[default: 8, quick 2]."),
+    stride: Optional[int] = typer.Option(None, min=1, help="Sliding-window stride S: every scored token has at least L - S tokens of context \\[default: the paper's 256, or a quarter of the shortest length when that is less]."),
+    windows: Optional[int] = typer.Option(None, min=1, help="Strides scored: stride x windows tokens, the same at every length \\[default: 2,048 tokens' worth, quick 512]."),
     source: Optional[str] = typer.Option(None, "--source", "--data", help="Evaluation data: a hub dataset id or a local file/folder \\[default: a run's held-out data (data.eval_fraction, data.eval_source), else its training data; other models: emozilla/pg19]."),
     split: str = typer.Option("test", help="Split of a hub dataset given with --source."),
     text_field: str = typer.Option("text", help="Field holding the text."),
@@ -391,7 +391,7 @@ def eval_(
     if not (perplexity or passkey):
         raise PiLoraError("--no-perplexity and --no-passkey leave nothing to measure.")
     ev.parse_ropes(scaling)  # a bad setting fails before any model loads
-    settings = ev.Settings(lengths=parsed, stride=stride, windows=windows if windows is not None else (2 if quick else 8),
+    settings = ev.Settings(lengths=parsed, stride=stride, windows=windows, scored=512 if quick else 2048,
                            trials=trials if trials is not None else (2 if quick else 10),
                            distances=distances if distances is not None else (8 if quick else 32),
                            passkey=passkey, perplexity=perplexity, passkey_lengths=keys_at, rope=scaling, quant=quant,

@@ -405,8 +405,9 @@ def default_lengths(max_len: int, smallest: int = 2048) -> list[int]:
 @dataclass
 class Settings:
     lengths: list[int] | None  # None: powers of two up to each model's length
-    stride: int = 256
-    windows: int = 8  # strides scored at the longest length: tokens scored = stride * windows
+    stride: int | None = None  # None: the paper's 256, or a quarter of the shortest length when less
+    windows: int | None = None  # strides scored at the longest length: tokens scored = stride * windows
+    scored: int = 2048  # tokens scored when `windows` is None
     trials: int = 10
     distances: int = 32
     passkey: bool = True
@@ -440,12 +441,21 @@ def counting(nll, progress, task):
     return call
 
 
+def stride_and_windows(s: Settings, lengths: list[int]) -> tuple[int, int]:
+    """The stride (the paper's 256 unless the shortest length is under 1,024: then a quarter of it, so
+    each token scored there keeps three quarters of its window as context, not 1 token to all of it)
+    and the number of strides scored."""
+    stride = s.stride or max(1, min(256, lengths[0] // 4))
+    return stride, s.windows or max(1, s.scored // stride)
+
+
 def perplexity_part(subject: Subject, s: Settings, lengths: list[int], section, progress=None) -> dict:
     longest = lengths[-1]
-    first, end = scored_span(longest, s.stride, s.windows)
+    stride, windows = stride_and_windows(s, lengths)
+    first, end = scored_span(longest, stride, windows)
     tokens = eval_tokens(section, subject.tokenizer, end)
     nll = window_nll(subject.net, tokens)
-    scored = perplexities(nll, lengths, s.stride, first, end, progress)
+    scored = perplexities(nll, lengths, stride, first, end, progress)
     bins = max(1, longest // 2048) if longest >= 4096 else min(4, longest)  # a bin is at least one position
     width = longest // bins
     return {
@@ -455,6 +465,7 @@ def perplexity_part(subject: Subject, s: Settings, lengths: list[int], section, 
         "by_position": {f"{i * width}-{(i + 1) * width}": v
                         for i, v in enumerate(position_perplexity(subject.net, tokens, longest, bins, nll))},
         "tokens": len(tokens),
+        "stride": stride,
     }
 
 

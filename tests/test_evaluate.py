@@ -220,7 +220,7 @@ def test_eval_of_run_equals_eval_of_merged_and_writes_outputs(trained_run, tiny_
     run_r, merged_r, base_r = data[str(trained_run)], data[str(merged)], data[str(tiny_base)]
     for n in ("64", "128", "256"):
         assert run_r["perplexity"][n] == pytest.approx(merged_r["perplexity"][n], rel=1e-4)
-        assert run_r["scored_tokens"][n] == 64 and run_r["min_context"][n] == int(n) - 32
+        assert run_r["scored_tokens"][n] == 512 and run_r["min_context"][n] == int(n) - 32
     assert set(run_r["passkey"]) == {"192", "256"}
     assert run_r["passkey"]["256"]["accuracy"] == merged_r["passkey"]["256"]["accuracy"]
     assert list(run_r["passkey"]["256"]["accuracy"]) == [str(d) for d in ev.distances_for(256, 8)]
@@ -453,3 +453,11 @@ def test_scaling_on_a_run_keeps_the_baselines_and_says_what_the_adapter_was_trai
     name = trained_run.name
     assert labels == [f"{name}: base, no scaling", f"{name}: base, linear:4 untrained",
                       f"{trained_run}: adapter trained with linear:4, evaluated with yarn:4"]
+
+
+def test_default_stride_keeps_three_quarters_of_the_shortest_window_as_context():
+    """The paper's stride 256 at L = 256 would score tokens with 1 to 256 tokens of context."""
+    assert ev.stride_and_windows(ev.Settings(lengths=None), [2048, 8192]) == (256, 8)
+    assert ev.stride_and_windows(ev.Settings(lengths=None), [256, 512, 1024]) == (64, 32)
+    assert ev.stride_and_windows(ev.Settings(lengths=None, scored=512), [256, 1024]) == (64, 8)
+    assert ev.stride_and_windows(ev.Settings(lengths=None, stride=100, windows=3), [256]) == (100, 3)
