@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from pi_lora import data, run
 from pi_lora.cli import app
 from pi_lora.errors import PiLoraError
-from test_train import args, invoke, losses, spawn, wait_for_step
+from test_train import args, invoke, losses, spawn, wait_for_step, wait_until
 
 RUNNER = CliRunner()
 
@@ -461,19 +461,6 @@ def new_run_started(out: Path, steps: int) -> bool:
         return f"steps: {steps}\n" in (out / run.RECIPE).read_text()
     except OSError:
         return False
-
-
-def wait_until(proc, condition, timeout=120):
-    import time
-
-    start = time.time()
-    while time.time() - start < timeout:
-        if condition():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the command ended early: {proc.stdout.read()}")
-        time.sleep(0.005)
-    pytest.fail("the command did not get there in time")
 
 
 def test_overwrite_stopped_before_its_first_checkpoint_keeps_the_previous_run(done, tiny_base, corpus, tmp_path):

@@ -102,15 +102,19 @@ def spawn(argv, **env):
     )
 
 
-def wait_for_step(proc, folder, step, timeout=240):
+def wait_until(proc, condition, timeout=120):
     start = time.time()
     while time.time() - start < timeout:
-        if len(run.read_metrics(folder)) >= step:
+        if condition():
             return
         if proc.poll() is not None:
-            pytest.fail(f"run ended early: {proc.stdout.read()}")
-        time.sleep(0.02)
-    pytest.fail("run did not reach the step in time")
+            pytest.fail(f"the command ended early: {proc.stdout.read()}")
+        time.sleep(0.005)
+    pytest.fail("the command did not get there in time")
+
+
+def wait_for_step(proc, folder, step, timeout=240):
+    wait_until(proc, lambda: len(run.read_metrics(folder)) >= step, timeout)
 
 
 def test_kill_9_then_resume_gives_the_same_losses(reference_run, tiny_base, corpus, tmp_path):
