@@ -327,8 +327,8 @@ def scratch(final: Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep(final)
     tmp = _temp_name(final)
-    tmp.mkdir(mode=0o700)
-    try:
+    try:  # made inside the try: a signal just after mkdir still removes it
+        tmp.mkdir(mode=0o700)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -336,8 +336,8 @@ def scratch(final: Path):
 
 def write_text(path: Path, text: str) -> None:
     tmp = _temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -363,8 +363,8 @@ def atomic_dir(final: Path):
         raise PiLoraError(f"cannot create the folder '{final.parent}': {e.strerror}.") from None
     sweep(final)
     tmp = _temp_name(final)
-    tmp.mkdir(mode=0o700)
-    try:
+    try:  # made inside the try: a signal just after mkdir still removes it
+        tmp.mkdir(mode=0o700)
         with disk_full_named(final):
             yield tmp
             publish(tmp)

@@ -736,3 +736,34 @@ def test_tilde_in_output_is_the_home_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     resolved, _ = recipe.resolve({}, ["output=~/runs/x"], {"model.base": "demo", "rope.target_len": 256})
     assert resolved.output == str(tmp_path / "runs" / "x")
+
+
+@pytest.mark.parametrize("make", ["atomic_dir", "scratch", "write_text"])
+def test_a_signal_just_after_the_temporary_is_made_leaves_nothing(tmp_path, monkeypatch, make):
+    """Ctrl-C lands between the syscall that makes the temporary and the code that owns it."""
+    final = tmp_path / "out"
+    real_mkdir, real_open, fired = Path.mkdir, os.open, []
+
+    def mkdir(self, *a, **k):
+        real_mkdir(self, *a, **k)
+        if run.MARK in self.name and not fired:
+            fired.append(self)
+            raise KeyboardInterrupt
+
+    def open_(path, flags, *a, **k):  # the temporary file's creation only (rmtree opens folders too)
+        fd = real_open(path, flags, *a, **k)
+        if run.MARK in str(path) and flags & os.O_CREAT and not fired:
+            fired.append(path)
+            os.close(fd)
+            raise KeyboardInterrupt
+        return fd
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    with pytest.raises(KeyboardInterrupt):
+        if make == "write_text":
+            run.write_text(final, "x")
+        else:
+            with getattr(run, make)(final):
+                pass
+    assert fired and list(tmp_path.iterdir()) == []
