@@ -41,3 +41,18 @@ def test_study_table_reads_what_was_measured_and_marks_what_was_not(tmp_path):
     base = next(x for x in text.splitlines() if x.startswith("| base, no PI"))
     assert base.count("| - ") == 7  # nothing measured yet
     assert (tmp_path / "table.md").read_text() == text
+
+
+def test_study_targets_compare_pi2_at_16k_with_the_base_at_8k_and_2k(tmp_path):
+    results(tmp_path / "eval" / "pi2-new-testament", {"2048": 10.6, "8192": 9.5, "16384": 9.4})
+    results(tmp_path / "eval" / "base-new-testament", {"2048": 10.0, "8192": 9.6, "16384": 731.0})
+    results(tmp_path / "eval" / "pi2-austen", {"2048": 10.4, "8192": 9.5, "16384": 9.8})
+    results(tmp_path / "eval" / "base-austen", {"2048": 10.0, "8192": 9.6, "16384": 700.0})
+    results(tmp_path / "eval" / "pi2-passkey", k_max=4096)
+    lines = smollm2_study.targets(tmp_path)
+    nt = next(x for x in lines if x.startswith("- New Testament"))
+    austen = next(x for x in lines if x.startswith("- Austen"))
+    assert "9.40 against the base's 9.60 with 8k: **met**" in nt and "+6.0%; within 5%: **missed**" in nt
+    assert "9.80 against the base's 9.60 with 8k: **missed**" in austen and "+4.0%; within 5%: **met**" in austen
+    assert "4,096 (at least 8,192: **missed**)" in lines[-1]
+    assert smollm2_study.targets(tmp_path / "none")[-1] == "- Passkey: not measured yet."
