@@ -52,7 +52,8 @@ documents; Persuasion held out). Model: SmolLM2-135M-Instruct (the GGUF in `llm-
 8,192, rope theta 1e5). Perplexity on the same 2,048 tokens of each held-out text (the New Testament;
 Persuasion), stride 1,024, so each token has at least 1,024 / 7,168 / 15,360 tokens of context at
 2k / 8k / 16k; passkey in 16,384-token prompts at 4 distances x 2 trials. Every step is resumable;
-"hours" is the wall time of training on 2 shared CPU cores (about 30 s a step when idle).
+"hours" adds up the training steps' own times on 2 shared CPU cores (about 30 s a step when idle;
+loading and checkpoints not counted).
 """
 # row: (label, base rope for eval, training scaling or None)
 ROWS = {
@@ -139,11 +140,7 @@ def study(args) -> None:
         if scaling is None:
             subject = [str(model), "--scaling", rope]
         else:
-            started = time.perf_counter()
             subject = [str(train(name, scaling, model, corpus, args.steps, args.lr, out))]
-            wall = out / name / "wall.json"
-            spent = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
-            wall.write_text(json.dumps({"seconds": spent + time.perf_counter() - started}))
         for text, path in data.items():
             evaluate(name, subject, text, path, out, passkey=scaling is not None)
         write_table(out)
@@ -169,10 +166,10 @@ def write_table(out: Path, docs: bool = True) -> str:
         if scaling is not None:
             metrics = out / name / "metrics.jsonl"
             rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-            wall = out / name / "wall.json"
+            steps_run = [r for r in rows if "loss" in r]  # a resumed run's metrics hold each step once
             tokens = f"{rows[-1]['tokens']:,}" if rows else "-"
             steps = str(rows[-1]["step"]) if rows else "-"
-            hours = f"{json.loads(wall.read_text())['seconds'] / 3600:.1f}" if wall.is_file() else "-"
+            hours = f"{sum(r['seconds'] for r in steps_run) / 3600:.1f}" if steps_run else "-"
         lines.append(f"| {label} | {tokens} | {steps} | {hours} | " + " | ".join(cells) + f" | {k_max} |")
     text = "\n".join(lines + ["", *targets(out)]) + "\n"
     (out / "table.md").write_text(text)

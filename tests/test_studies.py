@@ -33,8 +33,8 @@ def test_study_table_reads_what_was_measured_and_marks_what_was_not(tmp_path):
     results(tmp_path / "eval" / "pi2-new-testament", ppl)
     results(tmp_path / "eval" / "pi2-passkey", k_max=8192)
     (tmp_path / "pi2").mkdir()
-    (tmp_path / "pi2" / "metrics.jsonl").write_text(json.dumps({"step": 40, "tokens": 163840}) + "\n")
-    (tmp_path / "pi2" / "wall.json").write_text(json.dumps({"seconds": 5400}))
+    steps = [{"step": n, "loss": 3.0, "tokens": 4096 * n, "seconds": 135.0} for n in range(1, 41)]
+    (tmp_path / "pi2" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     text = smollm2_study.write_table(tmp_path, docs=False)
     row = next(x for x in text.splitlines() if x.startswith("| PI x2, trained"))
     assert row == "| PI x2, trained | 163,840 | 40 | 1.5 | 10.25 | 9.50 | 9.75 | - | - | - | 8,192 |"
