@@ -3,7 +3,7 @@
 Methods, each (method, length) measured in a fresh process (bench/point.py):
   usual        the usual transformers + peft + bitsandbytes loop (bench/usual.py): full-length
                logits, then the loss
-  pi-lora      the model and step `pi-lora train` runs (train.build_model, train.step_loss) with
+  pi-lora      the model and step `pi-lora train` runs (model.build, train.step_loss) with
                the recipe's defaults: train.loss_chunk 4096, the 16-bit residual stream (narrow)
   pi-lora-min  pi-lora's lowest-memory setting: also train.mlp_tile 4096 and, on a GPU,
                train.offload_activations
