@@ -155,11 +155,11 @@ def main() -> int:
         return 0
     import importlib.metadata as md
 
-    import compare
+    import llama
 
     on = torch.device("cuda", 0)
     rows = ops(on)
-    for name, config in (("LLaMA-7B layers", compare.SHAPES["7b"]), ("Llama-3-8B layers", compare.SHAPES["8b"])):
+    for name, config in (("LLaMA-7B layers", llama.LLAMA_7B), ("Llama-3-8B layers", llama.LLAMA3_8B)):
         rows += model_rows(name, config, args.length, on)
     for r in rows:
         r["tolerance"] = TOLERANCE[r["level"]]

@@ -30,6 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def spec(base: Path, device: str, length: int, steps: int, recipe: dict | None = None) -> dict:
+    """A point: `steps` steps at `length` on the base in `base`; the usual loop, or pi-lora with
+    `recipe` (values over the defaults, nested as in a recipe file)."""
+    point = {"base": str(base), "device": device, "length": length, "steps": steps, "method": "usual"}
+    return point | ({"method": "pi-lora", "recipe": recipe} if recipe is not None else {})
+
+
 def measure(point: dict, threads: int = 0, cap: float | None = None) -> dict:
     """Run `point` in a fresh process, stopped at `cap` seconds (bench/timebox.py); its record
     (with `status` ok, oom, failed or capped)."""
