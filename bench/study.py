@@ -33,7 +33,8 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 from report import device_name, results  # noqa: E402
-from timebox import Box, Steps, offline_env, outputs_problems, pack, say, stop_cleanly_on_sigterm, unpacked  # noqa: E402
+from timebox import (Box, Steps, offline_env, outputs_problems, pack, say, stop_cleanly_on_sigterm,  # noqa: E402
+                     unpacked)
 
 PY = sys.executable
 # Seconds each kind of step may take (on a GPU / in a dry run); the box's remainder caps them too.

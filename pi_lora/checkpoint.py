@@ -1,4 +1,4 @@
-"""Checkpoints: writing one, reading it back verified, falling back past a damaged one, restoring a run from it.
+"""Checkpoints: written, read back verified, passed over when damaged, restored into a run.
 
 A checkpoint is tensors (safetensors) and plain data (JSON), never a pickle: loading one from a
 shared run folder must not run code. `pack` moves every tensor of a nested state (optimizer state

@@ -1,4 +1,4 @@
-"""What `pi-lora train` checks before any weight loads: the rope setting on the base config, the memory plan, the data.
+"""What `pi-lora train` checks before any weight loads: rope on the base config, the memory plan, data.
 
 Everything that can fail on bad input (recipe, base config, rope, tokenizer, data) fails here, before
 the run folder is touched.
