@@ -94,13 +94,13 @@ def full_row(steps: int, out: Path) -> tuple[dict, dict]:
     import torch
 
     from pi_lora import evaluate as ev
-    from pi_lora import model, train
+    from pi_lora import loss, model, preflight, train
     from pi_lora import recipe as recipes
 
     began = time.perf_counter()
     sets = [f"train.steps={steps}", "model.quant=none", "model.compute_dtype=fp32", *EXTRA[1::2]]
     recipe, _ = recipes.resolve(recipes.read(recipes.find("demo")), sets, {})
-    p = train.prepare(recipe)
+    p = preflight.prepare(recipe)
     train.seed_everything(recipe.train.seed)
     on = torch.device("cpu")
     net = model.load_base(recipe.model, p.config, on).train()
@@ -108,7 +108,7 @@ def full_row(steps: int, out: Path) -> tuple[dict, dict]:
     schedule = train.scheduler(optimizer, recipe.train)
     batches = p.data.batches(0, recipe.train.batch_size)
     for _ in range(steps):
-        train.step_loss(net, batches, recipe.train, on, torch.float32)
+        train.step_loss(loss.ChunkedLoss(net, recipe.train.loss_chunk), batches, recipe.train, on, torch.float32)
         torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.train.max_grad_norm)
         optimizer.step()
         schedule.step()

@@ -3,7 +3,7 @@
 A 1-GPU machine can still run the device-map code path: the second "card" is the CPU. The model
 is built here (LLaMA-shaped, hidden 1024, 8 layers, random weights), unquantized fp32 so that both
 placements compute the same thing (transformers keeps CPU-placed layers of a 4-bit model in fp32,
-which would change the loss). Both runs build the model `pi-lora train` builds (train.build_model:
+which would change the loss). Both runs build the model `pi-lora train` builds (model.build:
 model.load_base with the device map of model.layer_map, LoRA with non-reentrant checkpointing and
 trainable norms) and run the chunked loss (loss.backward, whose head sits on the second device), with the same ids and
 LoRA weights (lora_B made non-zero, so every LoRA gradient is non-trivial).
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pi_lora import loss, model, plan, recipe, rope, train  # noqa: E402
+from pi_lora import loss, model, plan, recipe, rope  # noqa: E402
 from pi_lora.demo import build_tiny_llama  # noqa: E402
 
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -53,7 +53,7 @@ def one_step(folder: Path, length: int, devices: list[torch.device], split: list
         model.placement = lambda on, split, config: {k: devices[g] for k, g in model.layer_map(config, split).items()}
     try:
         torch.manual_seed(0)
-        net = train.build_model(r, config, on, torch.float32, plan.Settings.of(r, 4), split=split)
+        net = model.build(r, config, on, torch.float32, plan.Settings.of(r, 4), split=split)
     finally:
         model.placement = original
     generator = torch.Generator().manual_seed(1)

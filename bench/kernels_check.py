@@ -4,7 +4,7 @@ Two levels, bf16 compute:
   ops    Liger's RMSNorm (fp32 weight, as pi-lora trains it, on bf16 inputs), SwiGLU and RoPE against
          LlamaRMSNorm (+ the cast to bf16 memory.narrow adds), silu(gate) * up and
          apply_rotary_pos_emb: outputs, input gradients and the norm weight's gradient
-  model  the model `pi-lora train` builds (train.build_model) with train.kernels none and liger, on
+  model  the model `pi-lora train` builds (model.build) with train.kernels none and liger, on
          the same random NF4 base (LLaMA-7B's and Llama-3-8B's layer shapes, 2 layers), LoRA r=8 on
          q/k/v/o and trained norms (lora.trainable [norm]): the loss, the LoRA gradients and the
          norm weights' gradients
@@ -96,9 +96,10 @@ def ops(on) -> list[dict]:
 
 
 def model_rows(name: str, config: dict, length: int, on) -> list[dict]:
-    """The model train.build_model builds, kernels none against liger: loss, LoRA and norm gradients."""
+    """The model pi_lora.model.build makes, kernels none against liger: loss, LoRA and norm gradients."""
     import llama
-    from pi_lora import plan, train
+    from pi_lora import model, plan, preflight, train
+    from pi_lora.loss import ChunkedLoss
     from pi_lora.recipe import Recipe
 
     folder = Path(tempfile.mkdtemp(prefix="pi-lora-kernels-"))
@@ -110,10 +111,10 @@ def model_rows(name: str, config: dict, length: int, on) -> list[dict]:
             "lora": {"rank": 8, "alpha": 16.0, "target_modules": list(llama.TARGETS), "trainable": ["norm"]},
             "train": {"kernels": choice, "loss_chunk": 1024, "mlp_tile": 0, "offload_activations": False,
                       "grad_accum": 1}})
-        cfg, _ = train.config_for(recipe)
+        cfg, _ = preflight.config_for(recipe)
         settings = plan.Settings.of(recipe, 2)
         train.seed_everything(0)
-        net = train.build_model(recipe, cfg, on, torch.bfloat16, settings).train()
+        net = model.build(recipe, cfg, on, torch.bfloat16, settings).train()
         if choice == "liger":  # the comparison means something only if the fused forwards are in place
             patched = sum("forward" in m.__dict__ for m in net.modules())
             if patched < 3 * 2:  # 2 layers: their norms, MLPs and attention at least
@@ -124,7 +125,7 @@ def model_rows(name: str, config: dict, length: int, on) -> list[dict]:
                 if "lora_B" in n or ("modules_to_save" in n and "norm" in n):
                     p.add_(torch.randn(p.shape, generator=gen).to(p) * 0.02)
         ids = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(0)).to(on)
-        loss = train.step_loss(net, iter([ids]), recipe.train, on, torch.bfloat16, False)
+        loss = train.step_loss(ChunkedLoss(net, recipe.train.loss_chunk), iter([ids]), recipe.train, on, torch.bfloat16)
         results[choice] = (loss, {n: p.grad.detach().float().clone() for n, p in net.named_parameters()
                                   if p.requires_grad})
         del net
@@ -154,11 +155,11 @@ def main() -> int:
         return 0
     import importlib.metadata as md
 
-    import compare
+    import llama
 
     on = torch.device("cuda", 0)
     rows = ops(on)
-    for name, config in (("LLaMA-7B layers", compare.SHAPES["7b"]), ("Llama-3-8B layers", compare.SHAPES["8b"])):
+    for name, config in (("LLaMA-7B layers", llama.LLAMA_7B), ("Llama-3-8B layers", llama.LLAMA3_8B)):
         rows += model_rows(name, config, args.length, on)
     for r in rows:
         r["tolerance"] = TOLERANCE[r["level"]]

@@ -9,6 +9,9 @@ so the writer never holds the whole model.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +25,9 @@ LLAMA_7B = dict(
 # small enough for a CPU test of a benchmark's whole flow
 TINY = {**LLAMA_7B, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 128}
+# Llama-3-8B's shapes: 128k vocabulary, grouped KV heads (8), MLP 14336, trained length 8192
+LLAMA3_8B = {**LLAMA_7B, "intermediate_size": 14336, "num_key_value_heads": 8, "vocab_size": 128256,
+             "max_position_embeddings": 8192, "rope_theta": 500000.0, "bos_token_id": 128000, "eos_token_id": 128001}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -76,6 +82,17 @@ def build_base(folder: Path, c: dict, on: torch.device | str = "cpu", layers_per
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(c))
     return folder
+
+
+def work_folder(requested: str | None, need: int) -> Path:
+    """Where to write a base of `need` bytes: the folder asked for, else /dev/shm (a 7B base then loads
+    from memory) or the temp folder, whichever has room."""
+    if requested:
+        return Path(requested)
+    for base in ("/dev/shm", tempfile.gettempdir()):
+        if os.path.isdir(base) and shutil.disk_usage(base).free > need * 1.15 + 2 * 2**30:
+            return Path(base) / "pi-lora-bench-base"
+    return Path(tempfile.gettempdir()) / "pi-lora-bench-base"
 
 
 def describe(on: str) -> str:

@@ -3,7 +3,7 @@
 LLaMA-7B-shaped (hidden 4096, MLP 11008, vocab 32000, 32 heads) and Llama-3-8B-shaped (hidden 4096,
 MLP 14336, vocab 128256, 32 heads, 8 KV heads) models, 2 layers, random weights (bench/llama.py),
 are trained for one step in a fresh process per point (bench/point.py): the model `pi-lora train`
-builds (pi_lora.train.build_model) and its step (train.step_loss, gradient clipping, AdamW).
+builds (pi_lora.model.build) and its step (train.step_loss, gradient clipping, AdamW).
 Measured: the peak resident memory during the step minus the process's resident memory before the
 model was loaded (see bench/point.py). Points that differ only in length give each technique's
 bytes per token, measured against planned.

@@ -2,8 +2,8 @@
 
 A point is a JSON object: `base` (a model folder), `device` (cpu or cuda), `length`, `method`
 (`usual`: the loop of bench/usual.py; `pi-lora`: the model `pi-lora train` builds,
-pi_lora.train.build_model, stepped by pi_lora.train.step_loss), `recipe` (pi-lora only: recipe
-values over the defaults, as a recipe file nests them) and `steps` (default 1). Each step is
+pi_lora.model.build, stepped by pi_lora.train.step_loss through its loss module, pi_lora.loss.ChunkedLoss),
+`recipe` (pi-lora only: recipe values over the defaults, as a recipe file nests them) and `steps` (default 1). Each step is
 zero_grad, forward + backward, gradient clipping and an AdamW step, as `pi-lora train` does.
 
 Measured, from after the model is loaded (the load's own peak is not a step's):
@@ -28,6 +28,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def spec(base: Path, device: str, length: int, steps: int, recipe: dict | None = None) -> dict:
+    """A point: `steps` steps at `length` on the base in `base`; the usual loop, or pi-lora with
+    `recipe` (values over the defaults, nested as in a recipe file)."""
+    point = {"base": str(base), "device": device, "length": length, "steps": steps, "method": "usual"}
+    return point | ({"method": "pi-lora", "recipe": recipe} if recipe is not None else {})
 
 
 def measure(point: dict, threads: int = 0, cap: float | None = None) -> dict:
@@ -94,27 +101,28 @@ def pi_lora_model(point: dict, on):
     """The model and step of `pi-lora train` for this point's recipe: (step, Peak, planned peak, vocab)."""
     import torch
 
-    from pi_lora import model, plan, train
+    from pi_lora import loss, model, plan, preflight, train
     from pi_lora.recipe import Recipe
 
     values = point.get("recipe", {})
     recipe = Recipe.model_validate({**values, "model": {**values.get("model", {}), "base": point["base"]},
                                     "rope": {**values.get("rope", {}), "target_len": point["length"]},
                                     "train": {"grad_accum": 1, **values.get("train", {})}})  # a step: one batch
-    config, _ = train.config_for(recipe)
+    config, _ = preflight.config_for(recipe)
     dtype = model.compute_dtype(recipe.model.compute_dtype, on)
     settings = plan.Settings.of(recipe, dtype.itemsize)
     planned = plan.estimate(plan.Shape.of(config), settings, cuda=on.type == "cuda").peak
     train.seed_everything(recipe.train.seed)
     peak = Peak(on)  # libraries imported, config read; nothing of the model yet
-    net = train.build_model(recipe, config, on, dtype, settings).train()
-    params = list(train.trainable(net).values())
+    net = model.build(recipe, config, on, dtype, settings).train()
+    params = list(model.trainable(net).values())
+    step_model = loss.ChunkedLoss(net, recipe.train.loss_chunk, settings.offload_activations)
     t = recipe.train
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
     def step(ids) -> float:
         opt.zero_grad(set_to_none=True)
-        value = train.step_loss(net, iter([ids]), t, on, dtype, settings.offload_activations)
+        value = train.step_loss(step_model, iter([ids]), t, on, dtype)
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
         opt.step()
         return value

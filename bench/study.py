@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -33,9 +32,10 @@ import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
-from timebox import Box, outputs_problems, pack, run, stop_cleanly_on_sigterm  # noqa: E402
+from report import device_name, results  # noqa: E402
+from timebox import (Box, Steps, offline_env, outputs_problems, pack, say, stop_cleanly_on_sigterm,  # noqa: E402
+                     unpacked)
 
-REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 # Seconds each kind of step may take (on a GPU / in a dry run); the box's remainder caps them too.
 # 148 steps x 32k took 158 s on an H200 (docs/results.md): A and C fill most of 9 minutes, B and D get the rest.
@@ -44,44 +44,27 @@ ROWS = {"A": "PI x4, lr {lr}", "C": "control: no PI, 8k windows x 4, lr {lr}", "
         "D": "YaRN x4, lr {lr}"}
 
 
-def say(text: str) -> None:
-    print(f"[study {time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
 class Study:
     def __init__(self, args):
         self.args, self.dry = args, args.dry_run
         self.work, self.out = args.work, args.out
         self.box = Box(args.minutes * 60, reserve=self.caps("report"))
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                    "PI_LORA_HOME": str(self.work / "home"), "PYTHONUNBUFFERED": "1",
-                    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.steps = Steps(self.box, self.work / "logs", offline_env(self.work / "home"), "study")
         self.records: list[dict] = []
-        self.notes: list[str] = []
+        self.notes = self.steps.notes  # the steps' and the rows' own, in one list
         self.halfway: list[tuple] = []  # evaluated after every row, when time is left
 
     def caps(self, kind: str) -> float:
         return self.args.cap.get(kind, CAPS[kind][1 if self.dry else 0])
 
     def step(self, name: str, kind: str, cmd: list) -> dict:
-        """One capped step; its log in work/logs; what happened, for the record."""
-        cap = self.box.cap(self.caps(kind))
-        if cap < min(10.0, self.caps(kind)):
-            self.notes.append(f"{name}: not run, the time box was spent")
-            return {"rc": None, "capped": True, "seconds": 0}
-        ended = run(cmd, cap, self.work / "logs" / f"{name}.log", self.env, grace=15 if kind == "train" else 3)
-        say(f"{name}: rc {ended.rc}, {ended.seconds:.0f} s of {cap:.0f}{' (capped)' if ended.capped else ''}")
-        if ended.capped:
-            self.notes.append(f"{name}: stopped at its cap ({cap:.0f} s)")
-        elif ended.rc:
-            self.notes.append(f"{name}: failed (rc {ended.rc}): {ended.output.splitlines()[-1][:200] if ended.output else ''}")
-        return {"rc": ended.rc, "capped": ended.capped, "seconds": round(ended.seconds, 1)}
-
+        """One capped step (timebox.Steps), its log in work/logs; what happened, for the record."""
+        return self.steps.run(name, cmd, self.caps(kind), grace=15 if kind == "train" else 3)
 
     def prepare(self) -> None:
-        self.texts = {"Austen": text_file(self.args.corpus, "austen-heldout.jsonl", self.work),
+        self.texts = {"Austen": self.corpus_file("austen-heldout.jsonl"),
                       "NT": new_testament(self.args.kjv, self.work / "nt.jsonl")}
-        self.train_data = text_file(self.args.corpus, "train.jsonl", self.work)
+        self.train_data = self.corpus_file("train.jsonl")
         if self.dry and not self.args.gguf:
             self.base, self.name = self.work / "base", "a tiny model"
             code = "import sys, pathlib; from pi_lora.demo import build_tiny_llama; build_tiny_llama(pathlib.Path(sys.argv[1]))"
@@ -105,6 +88,13 @@ class Study:
         self.target = 4 * self.base_len
         self.lengths = [self.base_len // 4, self.base_len, 2 * self.base_len, self.target]
 
+    def corpus_file(self, name: str) -> Path:
+        """bench/corpus.py's NAME (or NAME.gz); missing data is an error before anything runs."""
+        found = unpacked(self.args.corpus, name, self.work)
+        if found is None:
+            raise SystemExit(f"study: no {name} (or {name}.gz) in {self.args.corpus}: build it with "
+                             f"bench/corpus.py --out {self.args.corpus}")
+        return found
 
     def evaluate(self, name: str, model: Path, scaling: str | None, passkey_len: int, separate=()) -> dict:
         """Capped `pi-lora eval`s: perplexity on Austen; perplexity and passkey on the New Testament.
@@ -140,7 +130,6 @@ class Study:
                                            ("base YaRN x4", "YaRN x4, untrained"))):
             self.records.append(record(label, what, 0, time.monotonic() - began, found, i,
                                        self.base_len if i == 0 else self.target))
-
 
     def train(self, name: str) -> None:
         a, began = self.args, time.monotonic()
@@ -190,18 +179,7 @@ class Study:
                                                        "base-no-pi", "nt.jsonl", "train.jsonl", "austen-heldout.jsonl"))
         print(text, flush=True)
         for problem in outputs_problems(self.out):  # other files in OUT: say so, the study's own are 3
-            say(f"warning: {self.out} holds {problem}")
-
-
-def text_file(corpus: Path, name: str, work: Path) -> Path:
-    """corpus/NAME, or NAME.gz unpacked into work; missing data is an error before anything runs."""
-    if (corpus / name).is_file():
-        return corpus / name
-    packed = corpus / f"{name}.gz"
-    if not packed.is_file():
-        raise SystemExit(f"study: no {name} (or {name}.gz) in {corpus}: build it with bench/corpus.py --out {corpus}")
-    (work / name).write_bytes(gzip.decompress(packed.read_bytes()))
-    return work / name
+            say("study", f"warning: {self.out} holds {problem}")
 
 
 def new_testament(kjv: Path, dest: Path) -> Path:
@@ -237,11 +215,6 @@ def halfway_run(folder: Path, step: int) -> Path | None:
     return half
 
 
-def results(folder: Path) -> list[dict]:
-    path = folder / "results.json"
-    return list(json.loads(path.read_text())["results"].values()) if path.is_file() else []
-
-
 def record(row: str, what: str, tokens: int, seconds: float, found: dict, index: int, passkey_len: int) -> dict:
     """One table row from the evaluations' results (the index-th model or scaling of each)."""
     def pick(text):
@@ -256,12 +229,6 @@ def record(row: str, what: str, tokens: int, seconds: float, found: dict, index:
 
 def mean(by_distance: dict | None) -> float | None:
     return sum(by_distance.values()) / len(by_distance) if by_distance else None
-
-
-def device_name(dry: bool) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() and not dry else "CPU (dry run)"
 
 
 def table(study: Study, device: str) -> str:

@@ -4,6 +4,8 @@ and outputs small enough to travel (a few files, shallow folders).
     box = Box(540, reserve=20)            # the whole call: 9 minutes, 20 s kept for the report
     ended = run(cmd, box.cap(120), log)   # at most 120 s, or what the box has left
     ended.capped                          # True: the step was stopped at its cap
+    steps = Steps(box, logs, env, "study")
+    steps.run("train-A", cmd, 200)        # the same, logged to logs/train-A.log; trouble is a note
 
 A step is stopped by SIGTERM to its process group `grace` seconds before its cap (`pi-lora train`
 then saves its last completed step and exits), and killed at the cap; so a step never outlives its
@@ -12,6 +14,7 @@ cap, and what it left behind is cleaned up by the caller's `finally`, not by a h
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LIMITS = {"files": 8, "depth": 2}  # what one call may bring back
+REPO = Path(__file__).resolve().parent.parent
 
 
 class Box:
@@ -75,6 +79,43 @@ def run(cmd: list, cap: float, log: Path | None = None, env: dict | None = None,
     return Ended(proc.returncode, time.monotonic() - began, capped, "\n".join(text.splitlines()[-30:]))
 
 
+class Steps:
+    """A script's steps in one Box, each a process of its own with its log in `logs`; a step that was
+    not run, was stopped at its cap or failed is a note, and the steps after it still run."""
+
+    def __init__(self, box: Box, logs: Path, env: dict | None = None, who: str = "step"):
+        self.box, self.logs, self.env, self.who = box, logs, env, who
+        self.notes: list[str] = []
+
+    def run(self, name: str, cmd: list, wanted: float, grace: float = 3.0) -> dict:
+        """At most `wanted` seconds, or what the box has left (under 10 s left: not run); what happened."""
+        cap = self.box.cap(wanted)
+        if cap < min(10.0, wanted):
+            self.notes.append(f"{name}: not run, the time box was spent")
+            return {"rc": None, "capped": True, "seconds": 0}
+        ended = run(cmd, cap, self.logs / f"{name}.log", self.env, grace)
+        say(self.who, f"{name}: rc {ended.rc}, {ended.seconds:.0f} s of {cap:.0f}{' (capped)' if ended.capped else ''}")
+        if ended.capped:
+            self.notes.append(f"{name}: stopped at its cap ({cap:.0f} s)")
+        elif ended.rc:
+            last = ended.output.splitlines()[-1][:200] if ended.output else ""
+            self.notes.append(f"{name}: failed (rc {ended.rc}): {last}")
+        return {"rc": ended.rc, "capped": ended.capped, "seconds": round(ended.seconds, 1)}
+
+
+def say(who: str, text: str) -> None:
+    """A line of the script's own log, with the time."""
+    print(f"[{who} {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def offline_env(home: Path) -> dict:
+    """The environment of a step that runs this checkout's pi-lora: its own PI_LORA_HOME, unbuffered
+    output, and no hub (everything a step needs is on the machine already)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "PI_LORA_HOME": str(home), "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 def stop(proc: subprocess.Popen, grace: float) -> str | None:
     """SIGTERM to the step's process group, SIGKILL after `grace` seconds; what it printed."""
     signal_group(proc, signal.SIGTERM)
@@ -117,6 +158,17 @@ def pack(archive: Path, root: Path, skip: tuple[str, ...] = ()) -> Path:
             if path.is_file() and not set(rel.parts) & set(skip):
                 tar.add(path, arcname=str(Path(root.name) / rel))
     return archive
+
+
+def unpacked(folder: Path, name: str, work: Path) -> Path | None:
+    """folder/NAME, or folder/NAME.gz (carried compressed) unpacked into `work`; None when neither is there."""
+    if (folder / name).is_file():
+        return folder / name
+    packed = folder / f"{name}.gz"
+    if not packed.is_file():
+        return None
+    (work / name).write_bytes(gzip.decompress(packed.read_bytes()))
+    return work / name
 
 
 def joined(parts: list[Path], dest: Path) -> Path:

@@ -1,5 +1,7 @@
-"""`python -m pi_lora` and the `pi-lora` command. Ctrl-C or SIGTERM while the libraries import (a
-second or more) ends in one line and exit 130, as it does once a command runs."""
+"""`python -m pi_lora` and the `pi-lora` command.
+
+Ctrl-C or SIGTERM while the libraries import (a second or more) ends in one line and exit 130, as it
+does once a command runs."""
 
 import signal
 import sys

@@ -10,11 +10,12 @@ from typing import Literal, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
+from . import console as console_mod
 from . import recipe as recipes_mod
+from .console import ERROR, progress_bar
 from .errors import Interrupted, OutOfMemory, PiLoraError, first_line, interrupts
 
 
@@ -115,18 +116,18 @@ def handled(command):
             say("[bold red]interrupted[/]; what was there before is as it was.")
             raise typer.Exit(Interrupted.exit_code) from None
         except PiLoraError as e:
-            say(f"[bold red]error:[/] {e}")
+            say(f"{ERROR} {e}")
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # a full disk, a folder that cannot be written: one line, not a traceback
             where = f": '{e.filename}'" if e.filename else ""
-            say(f"[bold red]error:[/] {e.strerror or first_line(e)}{where}")
+            say(f"{ERROR} {e.strerror or first_line(e)}{where}")
             raise typer.Exit(2) from None
         except RuntimeError as e:  # out of memory outside training (eval, merge, export): exit 3, not a crash
             import torch
 
             if not isinstance(e, torch.OutOfMemoryError):
                 raise
-            say(f"[bold red]error:[/] out of memory ({first_line(e)}); eval uses less with shorter --lengths.")
+            say(f"{ERROR} out of memory ({first_line(e)}); eval uses less with shorter --lengths.")
             raise typer.Exit(OutOfMemory.exit_code) from None
 
     return wrapper
@@ -137,13 +138,11 @@ def say(message: str) -> None:
     from .distributed import current
 
     if current().main:
-        err_console.print(message, highlight=False, soft_wrap=True)
+        console_mod.say(err_console, message)
 
 
 def print_overrides(overrides: dict) -> None:
-    table = Table(title="settings that differ from the defaults", title_justify="left")
-    for column in ("key", "value", "from"):
-        table.add_column(column)
+    table = console_mod.table("key", "value", "from", title="settings that differ from the defaults")
     for key, (value, origin) in overrides.items():
         table.add_row(key, repr(value), origin)
     console.print(table)
@@ -233,7 +232,8 @@ def train(
     Data parallel on N GPUs (or CPU processes): torchrun --nproc_per_node N -m pi_lora train ...
     (add --shard to shard the model across them).
     """
-    from . import distributed, rope, run
+    from . import checkpoint as checkpoint_mod
+    from . import distributed, preflight, rope, run
     from . import train as train_mod
 
     given = locals()
@@ -267,7 +267,7 @@ def train(
         run.claim(folder, resume, overwrite)
         checkpoint = None
         if resume:
-            checkpoint = train_mod.latest_checkpoint(folder, console)  # verified, before any weight loads
+            checkpoint = checkpoint_mod.latest(folder, console)  # verified, before any weight loads
             recorded, where = recorded_recipe(folder, checkpoint)
             if recorded.get("model", {}).get("trust_remote_code") and trust_remote_code is not True:
                 run.require_trust({"trust_remote_code": True, "base": resolved.model.base}, False, "train --resume")
@@ -280,9 +280,9 @@ def train(
                 console.print(f"[yellow]no checkpoint[/] in {folder} yet: training starts from step 0.")
         print_overrides(overrides)
         print_recipe(resolved)
-        with train_mod.progress_bar(console) as bar:
-            prepared = train_mod.prepare(resolved, bar, resume)
-        train_mod.describe(prepared, console)
+        with progress_bar(console) as bar:
+            prepared = preflight.prepare(resolved, bar, resume)
+        preflight.describe(prepared, console)
         try:
             train_mod.fit(prepared, console, resume, overwrite, checkpoint)
         finally:
@@ -314,12 +314,11 @@ def merge(
     """Merge a run's adapter into its base: a full model with the extended context in config.json."""
     from . import merge as merge_mod
     from . import run
-    from . import train as train_mod
 
     if not 0 < file_gib < 2**20:  # nan and inf too
         raise PiLoraError("--file-gib must be a positive number of GiB.")
     output = output or run_dir / run.MERGED
-    with train_mod.progress_bar(console) as bar:
+    with progress_bar(console) as bar:
         checked = merge_mod.merge(run_dir, output, base, dtype, merge_base, verify, overwrite, file_gib, bar,
                                   trust_remote_code)
     run.record_output(run_dir, output, "merged")
@@ -342,7 +341,6 @@ def export(
     """Export a run for other tools: a PEFT adapter folder, or a GGUF file with the extended context."""
     from . import export as export_mod
     from . import run
-    from . import train as train_mod
 
     if format == "peft":
         out = export_mod.export_peft(run_dir, output or run_dir / run.PEFT, overwrite, trust_remote_code)
@@ -350,7 +348,7 @@ def export(
         console.print(f"[green]exported[/] peft adapter to {out}; its README.md shows how to load it")
         return
     out = output or run.gguf_name(run_dir, dtype)
-    with train_mod.progress_bar(console) as bar:
+    with progress_bar(console) as bar:
         checked = export_mod.export_gguf(run_dir, out, dtype, overwrite, verify, bar, tokenizer_pre, trust_remote_code)
     run.record_output(run_dir, out, "gguf")
     show_verification("tokenizer", checked.tokens)
@@ -384,7 +382,6 @@ def eval_(
 ):
     """Perplexity with L tokens of context and passkey retrieval by distance, for models side by side."""
     from . import evaluate as ev
-    from . import train as train_mod
 
     parsed = ev.parse_lengths(lengths, "--lengths")
     keys_at = ev.parse_lengths(passkey_lengths, "--passkey-lengths")
@@ -399,7 +396,7 @@ def eval_(
     section, note = ev.data_section(models_, source, split, text_field)
     if note:
         console.print(f"[yellow]note[/]: {note}")
-    with train_mod.progress_bar(console) as bar:
+    with progress_bar(console) as bar:
         results, output = ev.evaluate(models_, settings, section, output, overwrite, bar)
     console.print(ev.tables(results))
     console.print(f"[green]results[/] in {output / 'results.json'}, plot in {output / 'plot.png'}")
@@ -456,12 +453,12 @@ def gpu_plan(resolved, processes: int = 1):
 
 
 def train_plan(resolved):
-    """The plan `train` makes on this machine before loading any weight (pi_lora.train.plan_memory),
+    """The plan `train` makes on this machine before loading any weight (pi_lora.preflight.plan_memory),
     from the config alone: nothing is downloaded but the config, nothing built or written."""
-    from . import train as train_mod
+    from . import preflight
 
-    config, pi = train_mod.config_for(resolved, plan_only=True)
-    return train_mod.plan_memory(resolved, config), config, pi
+    config, pi = preflight.config_for(resolved, plan_only=True)
+    return preflight.plan_memory(resolved, config), config, pi
 
 
 def print_plan(resolved, decision, config, pi) -> None:
@@ -495,7 +492,7 @@ def models():
     """List the base-model aliases and the hub ids they stand for."""
     from .model import ALIASES, DEMO
 
-    table = Table("alias", "model")
+    table = console_mod.table("alias", "model")
     for alias, hub_id in ALIASES.items():
         table.add_row(alias, hub_id)
     table.add_row(DEMO, "tiny LLaMA built on this machine (CPU demo, tests)")
@@ -507,7 +504,7 @@ def recipes(ctx: typer.Context):
     """List the shipped recipes (with no subcommand)."""
     if ctx.invoked_subcommand is not None:
         return
-    table = Table("name", "base", "target_len", "about")
+    table = console_mod.table("name", "base", "target_len", "about")
     for name, path in recipes_mod.shipped().items():
         tree, text = recipes_mod.read(path), path.read_text()
         first = text.splitlines()[0].lstrip("# ") if text.startswith("#") else ""
@@ -542,7 +539,7 @@ def recipes_validate(files: list[str] = typer.Argument(..., help="Recipe files o
             recipes_mod.validate(recipes_mod.read(path), source=str(path), require=False)
             console.print(f"[green]ok[/] {path}")
         except PiLoraError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console_mod.say(err_console, f"{ERROR} {e}")
             failed.append(path)
     if failed:
         raise typer.Exit(2)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .console import note
 from .errors import PiLoraError, check_text, first_line
 
 READERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -185,7 +186,7 @@ def cached_tokens(section, files: list[Path], tokenizer, cache_dir: Path, progre
                     counts["skipped"] = json.loads(path.with_suffix(".json").read_text()).get("skipped", 0)
                 return stream
             except (OSError, ValueError, KeyError, TypeError) as e:
-                run.say(f"[yellow]token cache[/] {path} cannot be used ({first_line(e)}); tokenizing again.")
+                note(f"[yellow]token cache[/] {path} cannot be used ({first_line(e)}); tokenizing again.")
         dataset = open_dataset(section, files, streaming=False)
         task = progress.add_task("tokenizing", total=len(dataset), info="") if progress else None
         chunks, found = [], {"skipped": 0}

@@ -1,5 +1,7 @@
-"""Errors a user can act on. The CLI prints their message and exits with their code:
-2 bad input, 3 out of memory, 130 interrupted (Ctrl-C or SIGTERM). 1 is left to crashes (a bug)."""
+"""Errors a user can act on, and the one signal policy of every command.
+
+The CLI prints their message and exits with their code: 2 bad input, 3 out of memory, 130 interrupted
+(Ctrl-C or SIGTERM). 1 is left to crashes (a bug)."""
 
 
 import contextlib

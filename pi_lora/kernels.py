@@ -7,7 +7,7 @@ also replaces `modeling_llama.LlamaRMSNorm`, `LlamaMLP` and `apply_rotary_pos_em
 process, so every LLaMA built afterwards (an evaluation, a CPU model in the same process) would
 run Triton kernels it never asked for.
 
-Order (train.build_model): after peft (its ModulesToSaveWrapper copies of trained norms then exist,
+Order (model.build): after peft (its ModulesToSaveWrapper copies of trained norms then exist,
 and both copies are patched, never the wrapper) and after memory.narrow (its hooks sit in
 `__call__`, so they still run), before memory.tile_mlps (which wraps whatever `mlp.forward` is: the
 fused one then runs tile by tile; the other way round the fused forward would replace the tiling).

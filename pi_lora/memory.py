@@ -1,4 +1,4 @@
-"""Memory techniques for long sequences.
+"""Memory for long sequences: the techniques that save it, and the readings of what a step used.
 
 Tiled MLP: a LLaMA MLP's intermediates (gate, up and their product: 3 x L x intermediate_size)
 dominate a layer's recompute working set at long L. Running the MLP over tiles of the sequence,
@@ -19,6 +19,8 @@ stream in the compute dtype too, as plain bf16 training has it; halves the check
 """
 
 from __future__ import annotations
+
+import resource
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -181,3 +183,18 @@ def narrow(model, dtype: torch.dtype) -> int:
     for module in [inner.get_input_embeddings(), *inner.model.layers, *norms]:
         module.register_forward_hook(cast)
     return saved
+
+
+def peak_gib(on: torch.device) -> float:
+    """Peak allocated on the busiest GPU of this process (several when the layers are split); on a
+    CPU, the process's peak resident memory."""
+    if on.type == "cuda":
+        return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def resident_gib() -> float:
+    """The process's resident memory now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30

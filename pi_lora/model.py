@@ -1,4 +1,4 @@
-"""Loading a base (alias, hub id, folder or GGUF file) with PI and 4-bit weights; adding LoRA."""
+"""Loading a base (alias, hub id, folder or GGUF file) with PI and 4-bit weights; adding LoRA; the one model build."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from . import quant
-from .errors import PiLoraError, first_line
+from . import kernels, memory, quant
+from .errors import OutOfMemory, PiLoraError, first_line
 
 # Short names for the public checkpoints people extend; `pi-lora models` lists them.
 ALIASES = {
@@ -294,3 +294,29 @@ def add_lora(model, lora, gradient_checkpointing: bool | int):
     except ValueError as e:
         raise PiLoraError(f"LoRA could not be applied: {first_line(e)}") from e
 
+
+def trainable(net) -> dict[str, torch.Tensor]:
+    """The weights training updates (LoRA factors, trained embed/norm copies), by name."""
+    return {n: p for n, p in net.named_parameters() if p.requires_grad}
+
+
+def build(recipe, config, on: torch.device, dtype: torch.dtype, settings, split: list[int] | None = None):
+    """The model `pi-lora train` trains, and the benchmarks measure: the base with the rope setting
+    in `config`, quantized as the recipe says, LoRA (and trained embed/norm) added, the memory
+    settings (plan.Settings) applied (layers checkpointed, narrow 16-bit activations, tiled MLPs and
+    attention blocks), trainable weights in fp32."""
+    m = recipe.model
+    try:
+        base = load_base(m, config, on, split=split)
+        net = add_lora(base, recipe.lora, settings.gradient_checkpointing)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(f"out of memory loading the base {m.base} ({m.quant}); try model.quant nf4.") from None
+    memory.narrow(net, dtype)
+    kernels.apply(net, recipe.train.kernels, on)  # after peft and narrow, before the MLP tiling wraps mlp.forward
+    if settings.mlp_tile:
+        memory.tile_mlps(net, settings.mlp_tile)
+    if settings.attention_tile:
+        memory.tile_attention(net, settings.attention_tile)
+    for x in trainable(net).values():  # AdamW updates of ~lr vanish in 16-bit weights; autocast handles compute
+        x.data = x.data.float()
+    return net

@@ -36,6 +36,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from .console import note
 from .errors import PiLoraError, first_line
 
 RECIPE, META, ADAPTER, METRICS, CHECKPOINTS, STATE, BEST, OUTPUTS = (
@@ -60,13 +61,6 @@ def publish(path: Path) -> None:
     mask = _umask()
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-def say(message: str) -> None:
-    """A note on stderr (stdout may be a pipe of results)."""
-    from rich.console import Console
-
-    Console(stderr=True).print(message, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +258,7 @@ def sweep(target: Path) -> list[Path]:
     for p in stale:
         size = _size(p)
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-        say(f"[yellow]removed[/] {p} ({size / 2**30:.2f} GiB), a temporary left by a stopped pi-lora process")
+        note(f"[yellow]removed[/] {p} ({size / 2**30:.2f} GiB), a temporary left by a stopped pi-lora process")
     return stale
 
 
@@ -285,7 +279,7 @@ def recover(target: Path) -> Path | None:
         newest.rename(target)
     except OSError:  # another reader put it back first
         return None
-    say(f"[yellow]restored[/] {target} from {newest.name}, which a stopped pi-lora process left")
+    note(f"[yellow]restored[/] {target} from {newest.name}, which a stopped pi-lora process left")
     return target
 
 
@@ -553,7 +547,7 @@ def restore_previous(folder: Path) -> None:
         for old in left():
             if not checkpoints(folder) and not (folder / ADAPTER).exists():
                 put_back(old, folder)
-                say(f"[yellow]restored[/] the previous run in {folder}: a train --overwrite was stopped before "
+                note(f"[yellow]restored[/] the previous run in {folder}: a train --overwrite was stopped before "
                     "its first checkpoint")
             else:
                 drop(old)
@@ -561,7 +555,7 @@ def restore_previous(folder: Path) -> None:
 
 def checkpoints(folder: Path) -> list[Path]:
     """Checkpoint folders, oldest first (temporary folders of a killed save are not listed). A listed
-    one may still be damaged: `train.read_checkpoint` verifies it."""
+    one may still be damaged: `checkpoint.read` verifies it."""
     root = folder / CHECKPOINTS
     if not root.is_dir():
         return []
@@ -670,7 +664,7 @@ def record_output(folder: Path, path: Path, kind: str) -> None:
     """Note in the run which adapter step an output (merged model, export, evaluation) was made from."""
     step = read_meta(folder).get("adapter_step")
     if not os.access(folder, os.W_OK):  # a run on a read-only mount: the output is made, only not noted
-        say(f"[yellow]note[/]: '{folder}' cannot be written, so {OUTPUTS} there does not list {path}.")
+        note(f"[yellow]note[/]: '{folder}' cannot be written, so {OUTPUTS} there does not list {path}.")
         return
     with writing(Path(folder) / OUTPUTS, wait=True):  # two commands may finish at once
         outputs = [o for o in read_outputs(folder) if o["path"] != str(Path(path).resolve())]
@@ -685,7 +679,7 @@ def read_outputs(folder: Path) -> list[dict]:
     try:
         return [o for o in json.loads(path.read_text())["outputs"] if {"path", "kind", "adapter_step"} <= set(o)]
     except (ValueError, KeyError, TypeError):  # only bookkeeping: a damaged list is started again
-        say(f"[yellow]note[/]: '{path}' is damaged; its list of outputs starts again.")
+        note(f"[yellow]note[/]: '{path}' is damaged; its list of outputs starts again.")
         return []
 
 

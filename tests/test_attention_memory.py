@@ -3,7 +3,7 @@
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pi_lora import model, plan, pose, train
+from pi_lora import loss, model, plan, pose, preflight, train
 from pi_lora.recipe import Recipe
 
 L = 2048  # L*L = 4.2M elements; the tiny model's largest other tensor (logits chunk) is far smaller
@@ -30,15 +30,15 @@ def training_step(tiny_base, attn: str, short_windows: bool = False):
     recipe = Recipe.model_validate({"model": {"base": str(tiny_base), "quant": "none", "attn_implementation": attn},
                                     "rope": {"target_len": L}, "lora": {"rank": 4},
                                     "train": {"loss_chunk": 256, "grad_accum": 1, "mlp_tile": 0}})
-    config, _ = train.config_for(recipe)
+    config, _ = preflight.config_for(recipe)
     on = model.device()
     dtype = model.compute_dtype(recipe.model.compute_dtype, on)
-    net = train.build_model(recipe, config, on, dtype, plan.Settings.of(recipe, dtype.itemsize)).train()
+    net = model.build(recipe, config, on, dtype, plan.Settings.of(recipe, dtype.itemsize)).train()
     ids = torch.randint(0, 500, (1, L), device=on)
     batch = (ids, torch.from_numpy(pose.positions(0, L, 4 * L, 2, 0))[None]) if short_windows else ids
     watch = LargestTensor()
     with watch:
-        train.step_loss(net, iter([batch]), recipe.train, on, dtype)
+        train.step_loss(loss.ChunkedLoss(net, recipe.train.loss_chunk), iter([batch]), recipe.train, on, dtype)
     return watch
 
 

@@ -1,4 +1,5 @@
-"""bench/compare.py --suite long: recipe keys by name, the time box's order, the plan's figures, unsloth's point."""
+"""bench/compare.py --suite long (bench/long_suite.py): recipe keys by name, the time box's order, the plan's
+figures, unsloth's point."""
 
 import json
 import subprocess
@@ -10,11 +11,11 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path[:0] = [str(BENCH)]
 
-import compare  # noqa: E402
+import long_suite  # noqa: E402
 
 
 def test_settings_go_to_their_recipe_keys():
-    tree = compare.recipe_values({"loss_chunk": 4096, "mlp_tile": "auto", "gpu_mem": "24GiB",
+    tree = long_suite.recipe_values({"loss_chunk": 4096, "mlp_tile": "auto", "gpu_mem": "24GiB",
                                   "gradient_checkpointing": "auto", "attention_tile": 1024})
     assert tree == {"train": {"loss_chunk": 4096, "mlp_tile": "auto", "gpu_mem": "24GiB",
                               "gradient_checkpointing": "auto", "attention_tile": 1024}}
@@ -24,27 +25,27 @@ def test_settings_go_to_their_recipe_keys():
 
 
 def test_the_plan_resolves_auto_for_the_budget():
-    tree = compare.recipe_values(compare.method_values("fastest-24", True, 4096, 4096))
-    explicit, chosen, d = compare.resolve(compare.SHAPES["7b"], tree, 65536, cuda=True)
+    tree = long_suite.recipe_values(long_suite.method_values("fastest-24", True, 4096, 4096))
+    explicit, chosen, d = long_suite.resolve(long_suite.SHAPES["7b"], tree, 65536, cuda=True)
     assert d.fits and d.budget == 24 * 2**30
     assert "auto" not in json.dumps(explicit)  # the point computes with the plan's picks
     assert all(explicit["train"][k] == v for k, v in chosen.items())
     assert chosen["mlp_tile"] or chosen["offload_activations"]  # 64k of a 7B needs one of them in 24 GiB
-    tree = compare.recipe_values(compare.method_values("fastest-80", True, 4096, 4096))
-    assert compare.resolve(compare.SHAPES["7b"], tree, 16384, cuda=True)[1]["mlp_tile"] == 0  # nothing needed
+    tree = long_suite.recipe_values(long_suite.method_values("fastest-80", True, 4096, 4096))
+    assert long_suite.resolve(long_suite.SHAPES["7b"], tree, 16384, cuda=True)[1]["mlp_tile"] == 0  # nothing needed
 
 
 def test_the_time_box_takes_the_targets_first():
-    order = compare.priority(list(compare.LONG_LENGTHS))
+    order = long_suite.priority(list(long_suite.LONG_LENGTHS))
     assert order[:3] == [("7b", "usual", 16384), ("7b", "fastest-24", 16384), ("7b", "lowest", 131072)]
     assert len(order) == len(set(order)) == 2 * 5 * 4
-    short, long = (compare.estimate_seconds("7b", "lowest", n, 1, True) for n in (16384, 131072))
-    assert compare.OVERHEAD["7b"] < short < long
-    assert 55 < long - compare.OVERHEAD["7b"] < 85  # 128k with offload and tiles: about 70 s a step (H200)
+    short, long = (long_suite.estimate_seconds("7b", "lowest", n, 1, True) for n in (16384, 131072))
+    assert long_suite.OVERHEAD["7b"] < short < long
+    assert 55 < long - long_suite.OVERHEAD["7b"] < 85  # 128k with offload and tiles: about 70 s a step (H200)
 
 
 def test_plan_figures_for_both_shapes():
-    rows = compare.plan_figures()
+    rows = long_suite.plan_figures()
     assert len(rows) == 2 + 2 * 2
     for row in rows[2:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -64,6 +65,6 @@ def test_unsloth_point_reports_why_it_cannot_run_here(tmp_path):
 def test_a_tokenizer_of_the_base_vocabulary(tmp_path):
     from transformers import AutoTokenizer
 
-    compare.write_tokenizer(tmp_path, 300)
+    long_suite.write_tokenizer(tmp_path, 300)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert len(tok) == 300 and tok.convert_tokens_to_ids("t299") == 299

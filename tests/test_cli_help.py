@@ -67,9 +67,9 @@ def test_train_offers_the_scalings_it_trains():
 
 
 def test_train_refuses_an_eval_only_scaling_before_loading(tmp_path, monkeypatch):
-    from pi_lora import train as train_mod
+    from pi_lora import preflight
 
-    monkeypatch.setattr(train_mod, "prepare", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(preflight, "prepare", lambda *a, **k: pytest.fail("a model was loaded"))
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {base: nowhere/none}\nrope: {target_len: 512, scaling: dynamic}\n")
     result = RUNNER.invoke(app, ["train", "--recipe", str(recipe), "--output", str(tmp_path / "run")])

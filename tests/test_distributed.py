@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pi_lora import run
-from pi_lora.train import read_checkpoint
+from pi_lora import checkpoint, run
 
 STEPS = 6  # a killed run must stop before this; steps are cheap next to a launch
 
@@ -62,7 +61,7 @@ def test_two_processes_equal_one_with_accumulation(two_ranks, tiny_base, corpus,
     a = assert_same_training(two, one, rtol=1e-4, atol=1e-6)
     assert not torch.equal(a[next(k for k in a if "lora_B" in k)], torch.zeros(1))  # it did train
     # sequences_seen counts both ranks' sequences; rank 0 alone wrote: one metrics row per step
-    state = read_checkpoint(run.checkpoints(two)[-1])
+    state = checkpoint.read(run.checkpoints(two)[-1])
     assert state["sequences_seen"] == 2 * STEPS and len(state["rng"]) == 2
     assert [r["step"] for r in run.read_metrics(two)] == list(range(1, STEPS + 1))
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
@@ -131,7 +130,7 @@ def test_sharded_two_processes_equal_one_with_accumulation(sharded, two_ranks):
     assert "sharded (FSDP2) across 2 processes" in result.stdout
     a = assert_same_training(out, two, rtol=1e-4, atol=1e-6)
     assert any("embed" in k for k in a)
-    state = read_checkpoint(run.checkpoints(out)[-1])
+    state = checkpoint.read(run.checkpoints(out)[-1])
     assert state["sharded"] and all(type(t) is torch.Tensor for t in state["weights"].values())
 
 

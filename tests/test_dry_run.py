@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pi_lora import recipe as recipes_mod
-from pi_lora import train as train_mod
+from pi_lora import preflight
 from pi_lora.cli import app
 
 RUNNER = CliRunner()
@@ -19,7 +19,7 @@ RUNNER = CliRunner()
 def no_loading(monkeypatch, tmp_path):
     """Loading any weight fails the test; the home folder (demo base, token caches) starts empty."""
     monkeypatch.setenv("PI_LORA_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(train_mod, "prepare", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(preflight, "prepare", lambda *a, **k: pytest.fail("weights were loaded"))
     from pi_lora import demo
 
     monkeypatch.setattr(demo, "build_tiny_llama", lambda *a, **k: pytest.fail("the demo base was built"))

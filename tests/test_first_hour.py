@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from pi_lora import cli, data, hub, run
 from pi_lora import train as train_mod
+from pi_lora.console import progress_bar
 from pi_lora.cli import app
 from pi_lora.recipe import DataSection, TrainSection
 
@@ -52,7 +53,7 @@ def validated_run(tiny_base, corpus, tmp_path_factory):
 
 def test_a_progress_task_without_info_renders():
     console = Console(force_terminal=True, width=100, record=True)
-    with train_mod.progress_bar(console) as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("tokenizing", total=2)
         bar.advance(task)
         bar.refresh()

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from pi_lora import kernels, model, plan, train
+from pi_lora import kernels, model, plan
 from pi_lora.errors import PiLoraError, RecipeError
 from pi_lora.recipe import Recipe, validate
 
@@ -112,7 +112,7 @@ def build(folder, kernels_choice="none", mlp_tile=0, attention_tile=0):
     on = torch.device("cpu")
     settings = plan.Settings.of(recipe, 4)
     torch.manual_seed(0)
-    net = train.build_model(recipe, model.load_config(str(folder)), on, torch.float32, settings).train()
+    net = model.build(recipe, model.load_config(str(folder)), on, torch.float32, settings).train()
     with torch.no_grad():
         for name, p in net.named_parameters():
             if "lora_B" in name:
@@ -206,7 +206,7 @@ def test_liger_runs_inside_the_mlp_tiles(tiny_base, liger, monkeypatch):
     ids = torch.randint(0, 500, (1, 50), generator=torch.Generator().manual_seed(2))
     want, _ = loss_and_grads(build(tiny_base, mlp_tile=16), ids)
     assert liger["swiglu"] == 0
-    net = build(tiny_base, "liger", mlp_tile=16)  # train.build_model: kernels, then the tiling
+    net = build(tiny_base, "liger", mlp_tile=16)  # model.build: kernels, then the tiling
     got, _ = loss_and_grads(net, ids)
     from liger_kernel.transformers import LENGTHS
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from pi_lora import memory, model, plan, train
+from pi_lora import memory, model, plan
 from pi_lora.recipe import Recipe
 
 
 def build(folder, quant="none", compute="fp32", narrow_to=None, **lora):
-    """The model `pi-lora train` builds (train.build_model), untiled; `narrow_to`: the dtype it narrows
+    """The model `pi-lora train` builds (model.build), untiled; `narrow_to`: the dtype it narrows
     to (default: the compute dtype; fp32 leaves peft's k-bit fp32 upcast as it is)."""
     recipe = Recipe.model_validate({"model": {"base": str(folder), "quant": quant, "compute_dtype": compute},
                                     "lora": lora, "train": {"mlp_tile": 0}})
@@ -16,7 +16,7 @@ def build(folder, quant="none", compute="fp32", narrow_to=None, **lora):
     dtype = model.compute_dtype(compute, on)
     settings = plan.Settings.of(recipe, dtype.itemsize)
     torch.manual_seed(0)
-    return train.build_model(recipe, model.load_config(str(folder)), on, narrow_to or dtype, settings).train()
+    return model.build(recipe, model.load_config(str(folder)), on, narrow_to or dtype, settings).train()
 
 
 def lora_net(folder):
@@ -106,7 +106,7 @@ def attention_net(folder, compute, tile, checkpointing=True):
     on = torch.device("cpu")
     dtype = model.compute_dtype(compute, on)
     torch.manual_seed(0)
-    net = train.build_model(recipe, model.load_config(str(folder)), on, dtype,
+    net = model.build(recipe, model.load_config(str(folder)), on, dtype,
                             plan.Settings.of(recipe, dtype.itemsize)).train()
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -193,7 +193,7 @@ def test_slices_of_positions_reach_every_linear_as_one_matmul(tiny_base, batch):
                                     "lora": {"rank": 4, "target_modules": "all-linear"},
                                     "train": {"mlp_tile": 16, "attention_tile": 16, "loss_chunk": 16}})
     on = torch.device("cpu")
-    net = train.build_model(recipe, model.load_config(str(tiny_base)), on, torch.float32,
+    net = model.build(recipe, model.load_config(str(tiny_base)), on, torch.float32,
                             plan.Settings.of(recipe, 4)).train()
     ids = torch.randint(0, 500, (batch, 40), generator=torch.Generator().manual_seed(5))
     step = loss.ChunkedLoss(net, 16)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_train import RUNNER, args, invoke, losses, spawn, wait_for_step
 
-from pi_lora import loss, model, plan, pose, rope, run, train
+from pi_lora import loss, model, plan, pose, rope, run
 from pi_lora.cli import app
 from pi_lora.recipe import Recipe, RopeSection
 
@@ -79,7 +79,7 @@ def build(folder, scaling, **train_settings):
                                     "lora": {"rank": 4, "target_modules": "all-linear", "trainable": ["embed", "norm"]},
                                     "train": {"mlp_tile": 0, "attention_tile": 0, **train_settings}})
     torch.manual_seed(0)
-    net = train.build_model(recipe, config, torch.device("cpu"), torch.float32, plan.Settings.of(recipe, 4)).train()
+    net = model.build(recipe, config, torch.device("cpu"), torch.float32, plan.Settings.of(recipe, 4)).train()
     with torch.no_grad():
         for name, p in net.named_parameters():
             if "lora_B" in name:

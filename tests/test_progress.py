@@ -7,7 +7,7 @@ import re
 from rich.console import Console
 from typer.testing import CliRunner
 
-from pi_lora import train as train_mod
+from pi_lora import console as console_mod
 from pi_lora.cli import app
 
 RUNNER = CliRunner()
@@ -19,9 +19,9 @@ def lines(text: str) -> list[re.Match]:
 
 
 def test_plain_lines_when_not_a_terminal(monkeypatch):
-    monkeypatch.setattr(train_mod, "PLAIN_EVERY", 0.0)
+    monkeypatch.setattr(console_mod, "PLAIN_EVERY", 0.0)
     out = io.StringIO()
-    with train_mod.progress_bar(Console(file=out, width=100)) as bar:
+    with console_mod.progress_bar(Console(file=out, width=100)) as bar:
         task = bar.add_task("perplexity", total=3, info="")
         quiet = bar.add_task("train", total=3, info="", own_lines=True)
         for _ in range(3):
@@ -33,9 +33,9 @@ def test_plain_lines_when_not_a_terminal(monkeypatch):
 
 
 def test_a_line_every_so_often_not_every_step(monkeypatch):
-    monkeypatch.setattr(train_mod, "PLAIN_EVERY", 3600.0)
+    monkeypatch.setattr(console_mod, "PLAIN_EVERY", 3600.0)
     out = io.StringIO()
-    with train_mod.progress_bar(Console(file=out, width=100)) as bar:
+    with console_mod.progress_bar(Console(file=out, width=100)) as bar:
         task = bar.add_task("tokenizing", total=50, info="")
         for _ in range(50):
             bar.advance(task)
@@ -43,9 +43,9 @@ def test_a_line_every_so_often_not_every_step(monkeypatch):
 
 
 def test_none_in_a_terminal(monkeypatch):
-    monkeypatch.setattr(train_mod, "PLAIN_EVERY", 0.0)
+    monkeypatch.setattr(console_mod, "PLAIN_EVERY", 0.0)
     out = io.StringIO()
-    with train_mod.progress_bar(Console(file=out, width=100, force_terminal=True)) as bar:
+    with console_mod.progress_bar(Console(file=out, width=100, force_terminal=True)) as bar:
         task = bar.add_task("perplexity", total=3, info="")
         for _ in range(3):
             bar.advance(task)
@@ -54,7 +54,7 @@ def test_none_in_a_terminal(monkeypatch):
 
 def test_piped_eval_and_export_report_progress(tiny_base, corpus, tmp_path, monkeypatch):
     """Through the commands, as under nohup: CliRunner's output is not a terminal."""
-    monkeypatch.setattr(train_mod, "PLAIN_EVERY", 0.0)
+    monkeypatch.setattr(console_mod, "PLAIN_EVERY", 0.0)
     result = RUNNER.invoke(app, ["eval", str(tiny_base), "--lengths", "64,192", "--stride", "64", "--windows", "2",
                                  "--passkey-lengths", "192", "--distances", "2", "--trials", "1", "--no-passkey-check",
                                  "--data", str(corpus),

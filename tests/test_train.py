@@ -77,9 +77,9 @@ def test_adapter_reproduces_trained_weights(reference_run, tiny_base):
     config.rope_parameters = meta["rope_parameters"]
     base = AutoModelForCausalLM.from_pretrained(tiny_base, config=config)
     net = PeftModel.from_pretrained(base, reference_run / "adapter")
-    from pi_lora.train import read_checkpoint
+    from pi_lora import checkpoint
 
-    final = read_checkpoint(reference_run / "checkpoints" / "step-8")["weights"]
+    final = checkpoint.read(reference_run / "checkpoints" / "step-8")["weights"]
     params = dict(net.named_parameters())
     assert any("modules_to_save" in k and "embed_tokens" in k for k in final)
     for name, value in final.items():
