@@ -418,6 +418,8 @@ class Settings:
     baselines: bool = True  # a run is shown beside its base with no scaling and with its own, untrained
     trust_remote_code: bool = False
     passkey_check: bool = True  # first try the key right before the question (see able_to_retrieve)
+    tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks at every length (tasks.py)
+    task_limit: int = 5  # samples per task and length
 
 
 def perplexities(nll, lengths: list[int], stride: int, first: int, end: int, progress=None) -> dict[int, Scored]:
@@ -505,6 +507,10 @@ def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
         result["passkey_unable"] = unable
     elif s.passkey:
         result["passkey"] = passkey_part(subject, s, lengths, progress)
+    if s.tasks:
+        from . import tasks
+
+        result["tasks"] = tasks.task_part(subject, s.tasks, lengths, s.task_limit, progress)
     return result
 
 
@@ -674,8 +680,12 @@ def figure(results: dict):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
+    from . import tasks
+
     rows = list(passkey_rows(results))
-    fig, axes = plt.subplots(1, 2 if rows else 1, figsize=(11 if rows else 6, 4), squeeze=False)
+    scored = any(r.get("tasks") for r in results.values())
+    panels = 1 + bool(rows) + scored
+    fig, axes = plt.subplots(1, panels, figsize=(1 + 5 * panels, 4), squeeze=False)
     left = axes[0][0]
     evaluated = set()
     for label, r in results.items():
@@ -706,6 +716,8 @@ def figure(results: dict):
                        label=f"{label}, {length:,}-token prompt")
         right.set(xlabel="distance from the question (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
                   title="Passkey retrieval")
+    if scored:
+        tasks.plot(axes[0][-1], results)
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -748,6 +760,10 @@ def tables(results: dict):
         out.append(keys)
         if unable:
             out.append(Text("\n".join(f"* {label}: {why}" for label, why in unable.items()), style="dim"))
+    if any(r.get("tasks") for r in results.values()):
+        from . import tasks
+
+        out.append(tasks.table(results))
     return Group(*out)
 
 
