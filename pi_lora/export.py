@@ -358,7 +358,7 @@ def _export_gguf(run_dir, output, scratch, meta, outtype, check, progress, token
         if llamacpp_check:  # a failure raises here: the file is removed below, an earlier output stays
             from . import llamacpp
 
-            result.llamacpp = llamacpp.check_export(merged, tmp, meta, outtype)
+            result.llamacpp = llamacpp.check_export(merged, tmp, meta, outtype, progress=progress)
         tmp.replace(output)
         return result
     finally:

@@ -326,7 +326,12 @@ def check_export(merged: Path, gguf: Path, meta: dict, outtype: str, scored: int
     need = span([length], scored)
     tokens = (ids * (need // len(ids) + 1))[:need]  # the demo's text, repeated when the length asks for more
     chunks = scored_windows(tokens, length, scored, bos(gguf))
-    got, want = gguf_perplexity(gguf, chunks), transformers_perplexity(net, chunks)
+    task = progress.add_task("llama.cpp check", total=2 + 2 * prompts, info="") if progress else None
+    step = (lambda: progress.advance(task)) if progress else (lambda: None)
+    got = gguf_perplexity(gguf, chunks)
+    step()
+    want = transformers_perplexity(net, chunks)
+    step()
     rope_note = rope_mismatch(gguf, meta)
     limit = PERPLEXITY_TOLERANCE[outtype]
     if not abs(got / want - 1) <= limit or rope_note:
@@ -337,10 +342,12 @@ def check_export(merged: Path, gguf: Path, meta: dict, outtype: str, scored: int
     for distance in distances_for(length, prompts):
         prompt, key = passkey_prompt(tokenizer, length - ANSWER_TOKENS, distance, rng.randint(10000, 99999))
         theirs = passkey_found(completion(gguf, tokenizer, prompt, ANSWER_TOKENS), key)
+        step()
         with torch.no_grad():
             ours_ids = net.generate(input_ids=torch.tensor([prompt]), max_new_tokens=ANSWER_TOKENS, do_sample=False,
                                     pad_token_id=tokenizer.eos_token_id)[0, len(prompt):]
         ours = passkey_found(tokenizer.decode(ours_ids), key)
+        step()
         if theirs != ours:
             raise PiLoraError(f"llama.cpp check failed: passkey at distance {distance:,} of a {length - ANSWER_TOKENS:,}"
                               f"-token prompt is {'found' if theirs else 'missed'} by llama.cpp, "
@@ -354,8 +361,10 @@ def rope_mismatch(gguf: Path, meta: dict) -> str | None:
     """What the GGUF's rope keys say if it is not the run's setting (e.g. its scaling was removed)."""
     params, _, _ = describe_rope(gguf)
     want = meta["rope_parameters"]
-    if params.get("rope_type", "default") == want.get("rope_type", "default") and \
-            math.isclose(float(params.get("factor", 1)), float(want.get("factor", 1))):
+    same = [params.get("rope_type", "default") == want.get("rope_type", "default"),
+            math.isclose(float(params.get("factor", 1)), float(want.get("factor", 1))),
+            math.isclose(float(params.get("rope_theta", 0)), float(want.get("rope_theta", 0)))]
+    if all(same):
         return None
     has = "no rope scaling" if params.get("rope_type") == "default" else f"rope scaling {params.get('rope_type')} " \
                                                                           f"x{params.get('factor', 1):g}"

@@ -32,7 +32,7 @@ DOWNLOADS = {
     "niah_multiquery": "Paul Graham's essays (hub dataset baber/paul_graham_essays)",
     "niah_multivalue": "Paul Graham's essays (hub dataset baber/paul_graham_essays)",
     "ruler_qa_squad": "SQuAD 2.0 (rajpurkar.github.io)",
-    "ruler_qa_hotpot": "HotpotQA (hotpotqa's site)",
+    "ruler_qa_hotpot": "HotpotQA (huggingface.co, dataset namlh2004/hotpotqa)",
     "ruler": "Paul Graham's essays, SQuAD 2.0 and HotpotQA (the whole group)",
 }
 HEADROOM = 256  # tokens the harness may add to a prompt of L tokens: its generation (RULER: <= 128)
