@@ -117,4 +117,6 @@ if __name__ == "__main__":
     archive = sdist()
     if archive is None:
         sys.exit(f"no llama-cpp-python sdist in {CACHE} (see .ci/run)")
-    print(build(archive, jobs=int(os.environ.get("JOBS", "2"))))
+    tools = build(archive, jobs=int(os.environ.get("JOBS", "2")))
+    extra(tools, "llama-completion", jobs=int(os.environ.get("JOBS", "2")))  # eval --engine llama.cpp
+    print(tools)
