@@ -115,7 +115,11 @@ def describe_rope(path: Path) -> tuple[dict, int, int]:
     f = fields(path)
     claimed = int(f.get("llama.context_length") or 0)
     original = int(f.get("llama.rope.scaling.original_context_length") or claimed)
-    return gguf_rope(path), claimed, original
+    try:
+        params = gguf_rope(path)
+    except PiLoraError:  # llama3 frequencies as a tensor: llama.cpp reads them, transformers' names cannot
+        params = {"rope_type": "llama3", "rope_freqs": "in the file"}
+    return params, claimed, original
 
 
 def vocab_size(path: Path) -> int:
