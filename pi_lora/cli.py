@@ -10,6 +10,7 @@ from typing import Literal, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
@@ -116,7 +117,7 @@ def handled(command):
             say("[bold red]interrupted[/]; what was there before is as it was.")
             raise typer.Exit(Interrupted.exit_code) from None
         except PiLoraError as e:
-            say(f"{ERROR} {e}")
+            say(f"{ERROR} {escape(str(e))}")  # a message is text: 'pi-lora[ruler]' is no markup
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # a full disk, a folder that cannot be written: one line, not a traceback
             where = f": '{e.filename}'" if e.filename else ""
@@ -334,6 +335,7 @@ def export(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (peft) or file (gguf) \\[default: RUN_DIR/peft, RUN_DIR/<run name>-<dtype>.gguf]."),
     dtype: Literal["fp16", "bf16", "q8_0", "fp32"] = typer.Option("fp16", help="GGUF weights (f16, bf16, q8_0 or f32 in llama.cpp's names)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="GGUF: read it back through transformers and compare tokenization and logits."),
+    llamacpp_check: bool = typer.Option(False, "--llamacpp-check/--no-llamacpp-check", help="GGUF: run it in llama.cpp itself at the target length (llama-perplexity, llama-completion: on PATH or in $PI_LORA_LLAMA_CPP): perplexity within a tolerance of the merged model's in transformers (fp32 0.5%, fp16 1%, bf16 2%, q8_0 3%), and 2 passkey prompts answered alike; a mismatch fails the export and writes no file. Minutes on a CPU at 16k."),
     tokenizer_pre: Optional[str] = typer.Option(None, "--tokenizer-pre", metavar="NAME", help="GGUF: llama.cpp's pre-tokenizer name for a BPE vocabulary it does not know \\[default: found as llama.cpp's converter finds it; a .gguf base keeps its own]."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the base's own model code (needed again for a run trained with it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
@@ -349,10 +351,13 @@ def export(
         return
     out = output or run.gguf_name(run_dir, dtype)
     with progress_bar(console) as bar:
-        checked = export_mod.export_gguf(run_dir, out, dtype, overwrite, verify, bar, tokenizer_pre, trust_remote_code)
+        checked = export_mod.export_gguf(run_dir, out, dtype, overwrite, verify, bar, tokenizer_pre, trust_remote_code,
+                                         llamacpp_check)
     run.record_output(run_dir, out, "gguf")
     show_verification("tokenizer", checked.tokens)
     show_verification("logits", checked.logits)
+    if checked.llamacpp:
+        console.print(f"[green]verified[/]: {checked.llamacpp}")
     console.print(f"[green]exported[/] {dtype} GGUF to {out}")
 
 
@@ -375,24 +380,40 @@ def eval_(
     passkey_check: bool = typer.Option(True, "--passkey-check/--no-passkey-check", help="Passkey: first try the key right before the question within the length the base was trained at; a model that retrieves none there cannot do the task, and its distances are not measured (the table says so)."),
     trials: Optional[int] = typer.Option(None, min=1, help="Passkey trials (random 5-digit keys) per distance \\[default: 10, quick 2]."),
     distances: Optional[int] = typer.Option(None, "--distances", "--depths", min=1, help="Passkey distances from the question, evenly spaced out to the prompt length \\[default: 32, quick 8]."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated lm-evaluation-harness tasks run at every length, e.g. RULER's niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe (offline); needs pip install \"pi-lora\\[ruler]\" \\[default: none]."),
+    task_limit: int = typer.Option(5, "--task-limit", min=1, help="Samples per task at each length (--tasks)."),
+    engine: Literal["transformers", "llama.cpp"] = typer.Option("transformers", "--engine", help="llama.cpp: .gguf files run by llama.cpp itself (its llama-perplexity and llama-completion, on PATH or in $PI_LORA_LLAMA_CPP), and every model's perplexity by llama-perplexity's protocol (each window's second half scored), so a merged model beside its GGUF is compared on the same tokens."),
     quick: bool = typer.Option(False, "--quick", help="A short run: fewer windows, trials and distances (explicit options win)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the base's own model code (needed again for a run trained with it)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for results.json and plot.png \\[default: RUN/eval for one run, else eval/<first model's name>]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ):
-    """Perplexity with L tokens of context and passkey retrieval by distance, for models side by side."""
+    """Perplexity with L tokens of context, passkey retrieval by distance and lm-evaluation-harness tasks
+    (RULER) by length, for models side by side."""
     from . import evaluate as ev
+    from . import tasks as tasks_mod
 
     parsed = ev.parse_lengths(lengths, "--lengths")
     keys_at = ev.parse_lengths(passkey_lengths, "--passkey-lengths")
-    if not (perplexity or passkey):
-        raise PiLoraError("--no-perplexity and --no-passkey leave nothing to measure.")
+    task_names = tasks_mod.parse_tasks(tasks)  # an unknown task or no harness fails before any model loads
+    if not (perplexity or passkey or task_names):
+        raise PiLoraError("--no-perplexity and --no-passkey leave nothing to measure (without --tasks).")
     ev.parse_ropes(scaling)  # a bad setting fails before any model loads
+    if engine == "llama.cpp":
+        from . import llamacpp
+
+        llamacpp.bin_dir()  # no llama.cpp: one line, before any model loads
+        if stride is not None or windows is not None:
+            raise PiLoraError("--engine llama.cpp scores llama-perplexity's windows (stride L/2 - 1); "
+                              "--stride and --windows do not apply.")
+        if scaling is not None and any(m.endswith(".gguf") for m in models_):
+            raise PiLoraError("--engine llama.cpp runs a GGUF with the rope setting it carries; --scaling does not apply.")
     settings = ev.Settings(lengths=parsed, stride=stride, windows=windows, scored=512 if quick else 2048,
                            trials=trials if trials is not None else (2 if quick else 10),
                            distances=distances if distances is not None else (8 if quick else 32),
                            passkey=passkey, perplexity=perplexity, passkey_lengths=keys_at, rope=scaling, quant=quant,
-                           baselines=baselines, trust_remote_code=trust_remote_code, passkey_check=passkey_check)
+                           baselines=baselines, trust_remote_code=trust_remote_code, passkey_check=passkey_check,
+                           tasks=task_names, task_limit=task_limit, engine=engine)
     section, note = ev.data_section(models_, source, split, text_field)
     if note:
         console.print(f"[yellow]note[/]: {note}")

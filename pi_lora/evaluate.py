@@ -418,6 +418,9 @@ class Settings:
     baselines: bool = True  # a run is shown beside its base with no scaling and with its own, untrained
     trust_remote_code: bool = False
     passkey_check: bool = True  # first try the key right before the question (see able_to_retrieve)
+    tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks at every length (tasks.py)
+    task_limit: int = 5  # samples per task and length
+    engine: str = "transformers"  # or llama.cpp: .gguf files run by llama.cpp, every model by its protocol (llamacpp.py)
 
 
 def perplexities(nll, lengths: list[int], stride: int, first: int, end: int, progress=None) -> dict[int, Scored]:
@@ -497,7 +500,13 @@ def passkey_part(subject: Subject, s: Settings, lengths: list[int], progress=Non
 def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
     lengths = sorted(s.lengths or default_lengths(subject.max_len, min(2048, subject.trained_len or 2048)))
     result = {"max_len": subject.max_len, "trained_len": subject.trained_len, **subject.notes}
-    if s.perplexity:
+    if s.perplexity and s.engine == "llama.cpp":  # on the windows llama-perplexity scores, beside a GGUF
+        from . import llamacpp
+
+        first = subject.tokenizer.bos_token_id if adds_bos(subject.tokenizer) else None
+        result.update(llamacpp.perplexity_part(lambda chunks: llamacpp.transformers_perplexity(subject.net, chunks),
+                                               subject.tokenizer, lengths, s.scored, section, first, progress))
+    elif s.perplexity:
         result.update(perplexity_part(subject, s, lengths, section, progress))
     longest_prompt = max(s.passkey_lengths or lengths[-1:])
     unable = able_to_retrieve(subject, s, longest_prompt, progress) if s.passkey and s.passkey_check else None
@@ -505,7 +514,16 @@ def evaluate_one(subject: Subject, s: Settings, section, progress=None) -> dict:
         result["passkey_unable"] = unable
     elif s.passkey:
         result["passkey"] = passkey_part(subject, s, lengths, progress)
+    if s.tasks:
+        from . import tasks
+
+        result["tasks"] = tasks.task_part(subject, s.tasks, lengths, s.task_limit, progress)
     return result
+
+
+def adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def shared_lengths(specs: list[str], s: Settings) -> Settings:
@@ -611,6 +629,14 @@ def measure(specs: list[str], s: Settings, section, output: Path, progress=None)
     with run.atomic_dir(output) as tmp:
         try:
             for spec, setting, label, adapter in todo:
+                if s.engine == "llama.cpp" and spec.endswith(".gguf"):
+                    from . import llamacpp
+
+                    results[llamacpp.gguf_label(spec)] = llamacpp.evaluate_gguf(spec, s, section, progress)
+                    save_json(tmp / "results.json", {"settings": s.__dict__, "data": section.model_dump(),
+                                                      "results": results})
+                    save_plot(tmp / "plot.png", results)
+                    continue
                 subject = load_subject(spec, setting, s.quant, trust_remote_code=s.trust_remote_code, label=label,
                                        adapter=adapter)
                 results[subject.label] = evaluate_one(subject, s, section, progress)
@@ -674,8 +700,12 @@ def figure(results: dict):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
+    from . import tasks
+
     rows = list(passkey_rows(results))
-    fig, axes = plt.subplots(1, 2 if rows else 1, figsize=(11 if rows else 6, 4), squeeze=False)
+    scored = any(r.get("tasks") for r in results.values())
+    panels = 1 + bool(rows) + scored
+    fig, axes = plt.subplots(1, panels, figsize=(1 + 5 * panels, 4), squeeze=False)
     left = axes[0][0]
     evaluated = set()
     for label, r in results.items():
@@ -706,6 +736,8 @@ def figure(results: dict):
                        label=f"{label}, {length:,}-token prompt")
         right.set(xlabel="distance from the question (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
                   title="Passkey retrieval")
+    if scored:
+        tasks.plot(axes[0][-1], results)
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -725,6 +757,10 @@ def tables(results: dict):
     context = {n: min(r["min_context"][str(n)] for r in measured.values() if str(n) in r["min_context"])
                for n in lengths}
     notes = [SCORED_RULE]
+    if any(r.get("engine") == "llama.cpp" or isinstance(r.get("stride"), str) for r in measured.values()):
+        from .llamacpp import PROTOCOL
+
+        notes = [PROTOCOL]
     ppl = Table("model", *[f"{n:,}\n(ctx >= {context[n]:,})" for n in lengths], "scored tokens",
                 title="perplexity with L tokens of context (the same tokens at every L)", title_justify="left")
     for label, r in measured.items():
@@ -748,6 +784,10 @@ def tables(results: dict):
         out.append(keys)
         if unable:
             out.append(Text("\n".join(f"* {label}: {why}" for label, why in unable.items()), style="dim"))
+    if any(r.get("tasks") for r in results.values()):
+        from . import tasks
+
+        out.append(tasks.table(results))
     return Group(*out)
 
 

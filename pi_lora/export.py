@@ -278,6 +278,7 @@ class GgufCheck:
     tokens: Verification
     logits: Verification
     pre: str | None
+    llamacpp: str | None = None  # what llama.cpp itself measured (--llamacpp-check), see llamacpp.check_export
 
 
 def base_reference(meta: dict) -> Path | None:
@@ -318,22 +319,28 @@ def check_logits(merged: Path, gguf_path: Path, meta: dict, outtype: str) -> Ver
 
 
 def export_gguf(run_dir: Path, output: Path, dtype: str = "fp16", overwrite: bool = False, check: bool = True,
-                progress=None, tokenizer_pre: str | None = None, trust_remote_code: bool = False) -> GgufCheck:
+                progress=None, tokenizer_pre: str | None = None, trust_remote_code: bool = False,
+                llamacpp_check: bool = False) -> GgufCheck:
     """Merge (streamed, into a temporary folder), write the GGUF, and check its tokenizer and logits
     round trip. Reads the run while no `train --resume` changes it, and is the one writer of `output`."""
     if dtype not in DTYPES:
         raise PiLoraError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'.")
     meta = run.read_meta(run_dir)
     run.require_trust(meta, trust_remote_code, "export")
+    if llamacpp_check:
+        from . import llamacpp
+
+        llamacpp.bin_dir()  # no llama.cpp: said before the merge
     run.check_output(output, "gguf", overwrite, run_inputs(run_dir, meta))
     with run.reading(run_dir), run.writing(output):
         run.check_output(output, "gguf", overwrite)  # again, now that no other writer can change it
         with run.scratch(output) as scratch:
             return _export_gguf(run_dir, output, scratch, meta, DTYPES[dtype], check, progress, tokenizer_pre,
-                                trust_remote_code)
+                                trust_remote_code, llamacpp_check)
 
 
-def _export_gguf(run_dir, output, scratch, meta, outtype, check, progress, tokenizer_pre, trust_remote_code):
+def _export_gguf(run_dir, output, scratch, meta, outtype, check, progress, tokenizer_pre, trust_remote_code,
+                 llamacpp_check=False):
     from .merge import merge
 
     merged = Path(scratch) / "merged"
@@ -348,6 +355,10 @@ def _export_gguf(run_dir, output, scratch, meta, outtype, check, progress, token
             result = GgufCheck(check_tokens(merged, tmp, pre), check_logits(merged, tmp, meta, outtype), pre)
         else:
             result = GgufCheck(Verification.skipped(NOT_ASKED), Verification.skipped(NOT_ASKED), pre)
+        if llamacpp_check:  # a failure raises here: the file is removed below, an earlier output stays
+            from . import llamacpp
+
+            result.llamacpp = llamacpp.check_export(merged, tmp, meta, outtype, progress=progress)
         tmp.replace(output)
         return result
     finally:

@@ -71,6 +71,20 @@ def build(archive: Path, jobs: int = 2) -> Path:
     return bin_dir
 
 
+def extra(bin_dir: Path, target: str, jobs: int = 2) -> Path:
+    """Another tool of the same build (llama-completion for `eval --engine llama.cpp`), built in its tree
+    on first use: a file or two on top of the libraries already built (seconds), and the build key,
+    hence the two tools above, unchanged."""
+    tool = bin_dir / target
+    if not tool.exists():
+        with open(bin_dir.parent.parent / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not tool.exists():
+                subprocess.run(["cmake", "--build", str(bin_dir.parent), f"-j{jobs}", "--target", target], check=True,
+                               stdout=subprocess.DEVNULL)
+    return tool
+
+
 def source(archive: Path) -> Path:
     """The llama.cpp source tree the sdist vendors, unpacked once beside its build."""
     dest = CACHE / f"build-{build_key(archive)}" / "src"
@@ -103,4 +117,6 @@ if __name__ == "__main__":
     archive = sdist()
     if archive is None:
         sys.exit(f"no llama-cpp-python sdist in {CACHE} (see .ci/run)")
-    print(build(archive, jobs=int(os.environ.get("JOBS", "2"))))
+    tools = build(archive, jobs=int(os.environ.get("JOBS", "2")))
+    extra(tools, "llama-completion", jobs=int(os.environ.get("JOBS", "2")))  # eval --engine llama.cpp
+    print(tools)
