@@ -22,9 +22,25 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- demo_speed begin -->", "<!-- demo_speed end -->"
+HEADING = "## The demo's first run"
+# what the rows showed, kept under them when a run adds a row
+NOTES = """\
+Threads under load: with OpenMP's default waiting (threads spin while they wait for each other), one
+step of the demo base's pretraining took 2.76 s on the 2 cores at load average 7, against 0.55 s with
+`OMP_WAIT_POLICY=PASSIVE` and 0.53 s with one thread (`torch.set_num_threads(1)`; 20 steps each): a
+thread spinning for a partner that another process has taken the core from wastes its time slice.
+`pi-lora` sets `OMP_WAIT_POLICY=PASSIVE` unless the environment sets it; one thread gained nothing over
+two passive ones at that load (0.47 against 0.52 s per step, 5.3 against 4.9 CPU-seconds), so the
+thread count stays torch's default. End to end (the rows above), spinning threads made the first run 1,459 s against 249 s. Idle cores were not to be had for these runs; the CPU-seconds bound
+what idle cores would take (about 110 in all, 75 of them the base's 300 pretraining steps). The eval's
+26 s include the passkey check (the key right before the question, 2 trials per model), which finds
+that none of the three demo models can retrieve a key and skips the distances.
+"""
 
 
 def children_cpu() -> float:
@@ -85,18 +101,23 @@ HEADER = ("| busy processes beside it | OpenMP wait | load average (before-after
 
 
 def write(rows: list[str]) -> None:
-    text = DOC.read_text()
-    section = (f"{BEGIN}\n## The demo's first run, {time.strftime('%Y-%m-%d')}, x86_64 CPU, {os.cpu_count()} cores\n\n"
+    """This benchmark's section of docs/benchmarks.md (bench/report.py), its rows kept across runs."""
+    section = (f"{HEADING}, {time.strftime('%Y-%m-%d')}, x86_64 CPU, {os.cpu_count()} cores\n\n"
                "`pi-lora train --recipe demo` then `pi-lora eval runs/demo --quick` from an empty PI_LORA_HOME "
                "(the demo base built first), timed by `python bench/demo_speed.py` (`--load cores`: one busy-looping "
                "process per core beside it). The train column includes the base. CPU seconds are summed over "
                "threads: about what the work would take on one idle core.\n\n"
-               f"{HEADER}\n" + "\n".join(rows) + f"\n{END}")
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(text)
+               f"{HEADER}\n" + "\n".join(rows) + "\n\n" + NOTES)
+    write_section(HEADING, section, DOC)
+
+
+def recorded_rows() -> list[str]:
+    """The rows already in this benchmark's section of the doc."""
+    text = DOC.read_text() if DOC.exists() else ""
+    if HEADING not in text:
+        return []
+    section = text.split(HEADING, 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| busy")]
 
 
 def main() -> None:
@@ -112,11 +133,7 @@ def main() -> None:
     print(row(result))
     print(result["table"][-2500:])
     if args.write:
-        rows = []
-        if BEGIN in DOC.read_text():
-            rows = [line for line in DOC.read_text().split(BEGIN)[1].split(END)[0].splitlines()
-                    if line.startswith("| ") and not line.startswith("| busy")]
-        write(rows + [row(result)])
+        write(recorded_rows() + [row(result)])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The CPU studies' tables (bench/demo_ablation.py, bench/smollm2_study.py) from eval's own results files."""
+"""The CPU studies' tables (bench/demo_ablation.py, bench/smollm2_study.py, bench/demo_speed.py) and their sections of docs/."""
 
 import json
 import sys
@@ -56,3 +56,16 @@ def test_study_targets_compare_pi2_at_16k_with_the_base_at_8k_and_2k(tmp_path):
     assert "9.80 against the base's 9.60 with 8k: **missed**" in austen and "+4.0%; within 5%: **met**" in austen
     assert "4,096 (at least 8,192: **missed**)" in lines[-1]
     assert smollm2_study.targets(tmp_path / "none")[-1] == "- Passkey: not measured yet."
+
+
+def test_demo_speed_adds_its_row_to_its_section_and_keeps_the_rest(tmp_path, monkeypatch):
+    import demo_speed
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Before\n\nkept\n\n## The demo's first run, old\n\n| 0 | a |\n\n## After\n\nkept too\n")
+    monkeypatch.setattr(demo_speed, "DOC", doc)
+    demo_speed.write(demo_speed.recorded_rows() + ["| 2 | b |"])
+    text = doc.read_text()
+    assert demo_speed.recorded_rows() == ["| 0 | a |", "| 2 | b |"]
+    assert text.count(demo_speed.HEADING) == 1 and text.count("kept") == 2 and demo_speed.NOTES.strip() in text
+    assert text.index("## Before") < text.index(demo_speed.HEADING) < text.index("## After")
