@@ -17,7 +17,7 @@ from . import __version__
 from . import console as console_mod
 from . import recipe as recipes_mod
 from .console import ERROR, progress_bar
-from .errors import Interrupted, OutOfMemory, PiLoraError, first_line, interrupts
+from .errors import Interrupted, OutOfMemory, PiLoraError, first_line, interrupted, interrupts
 
 
 class _Switches:
@@ -112,7 +112,12 @@ def handled(command):
         quiet()  # here, not at start-up: --help must not import transformers
         try:
             with interrupts():
-                return command(*args, **kwargs)
+                try:
+                    return command(*args, **kwargs)
+                except Exception as e:
+                    if interrupted() and not isinstance(e, PiLoraError):  # a library's error made of the signal
+                        raise KeyboardInterrupt from None
+                    raise
         except KeyboardInterrupt:  # click would print "Aborted!" and exit 1
             say("[bold red]interrupted[/]; what was there before is as it was.")
             raise typer.Exit(Interrupted.exit_code) from None

@@ -16,15 +16,27 @@ def interrupts():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    _signalled.clear()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_signalled = threading.Event()
 
 
 def _interrupt(signum, frame):
+    _signalled.set()
     raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C or SIGTERM stopped the command, also where a library turned the KeyboardInterrupt
+    into an error of its own (safetensors' get_tensor raises a ValueError about UntypedStorage)."""
+    return _signalled.is_set()
 
 
 def first_line(error: BaseException) -> str:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -767,3 +768,28 @@ def test_a_signal_just_after_the_temporary_is_made_leaves_nothing(tmp_path, monk
             with getattr(run, make)(final):
                 pass
     assert fired and list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_a_library_turns_into_its_own_error_is_still_an_interruption(capsys):
+    """safetensors' get_tensor, interrupted, raises ValueError: the command still ends as interrupted."""
+    import typer
+    from pi_lora.cli import handled
+
+    @handled
+    def reads_a_tensor():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                time.sleep(0.01)
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+    @handled
+    def fails_by_itself():
+        raise ValueError("a bug")
+
+    with pytest.raises(typer.Exit) as stopped:
+        reads_a_tensor()
+    assert stopped.value.exit_code == 130 and "interrupted" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a bug"):  # no signal: a crash stays a crash
+        fails_by_itself()
