@@ -16,13 +16,17 @@ def interrupts():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _signalled.clear()
+    outermost = signal.getsignal(signal.SIGINT) is not _interrupt  # a nested one keeps a signal seen
+    if outermost:
+        _signalled.clear()
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if outermost:
+            _signalled.clear()
 
 
 _signalled = threading.Event()
@@ -37,6 +41,28 @@ def interrupted() -> bool:
     """Whether Ctrl-C or SIGTERM stopped the command, also where a library turned the KeyboardInterrupt
     into an error of its own (safetensors' get_tensor raises a ValueError about UntypedStorage)."""
     return _signalled.is_set()
+
+
+def stop_if_interrupted() -> None:
+    """Raise the KeyboardInterrupt a signal raised where something swallowed it: Python ignores an
+    exception raised in a __del__ ("Exception ignored in ..."), and the command would go on to finish
+    and replace what the user asked to keep. Called before anything is put in place."""
+    if _signalled.is_set() and not _saving.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def saving_after_interrupt():
+    """The writes of code that caught the interruption and saves what was done on purpose (train's
+    last whole step): stop_if_interrupted lets them through."""
+    _saving.set()
+    try:
+        yield
+    finally:
+        _saving.clear()
+
+
+_saving = threading.Event()
 
 
 def first_line(error: BaseException) -> str:

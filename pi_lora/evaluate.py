@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import model, rope, run
-from .errors import Interrupted, PiLoraError, first_line
+from .errors import Interrupted, PiLoraError, first_line, stop_if_interrupted
 from .loss import parts
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -644,6 +644,7 @@ def measure(specs: list[str], s: Settings, section, output: Path, progress=None)
                 save_json(tmp / "results.json", {"settings": s.__dict__, "data": section.model_dump(),
                                                   "results": results})
                 save_plot(tmp / "plot.png", results)
+            stop_if_interrupted()  # a signal something swallowed (a __del__) still stops before the rename
         except KeyboardInterrupt:
             raise Interrupted(cut_short(tmp, output, len(results), len(todo))) from None
     return results

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import model, rope, run, vocab
-from .errors import PiLoraError, first_line
+from .errors import PiLoraError, first_line, stop_if_interrupted
 from .merge import NOT_ASKED, TOO_LARGE, Verification, run_inputs
 
 FORMATS = ("peft", "gguf")
@@ -359,6 +359,7 @@ def _export_gguf(run_dir, output, scratch, meta, outtype, check, progress, token
             from . import llamacpp
 
             result.llamacpp = llamacpp.check_export(merged, tmp, meta, outtype, progress=progress)
+        stop_if_interrupted()
         tmp.replace(output)
         return result
     finally:

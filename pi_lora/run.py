@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .console import note
-from .errors import PiLoraError, first_line
+from .errors import PiLoraError, first_line, stop_if_interrupted
 
 RECIPE, META, ADAPTER, METRICS, CHECKPOINTS, STATE, BEST, OUTPUTS = (
     "recipe.yaml", "pi_lora.json", "adapter", "metrics.jsonl", "checkpoints", "state.json", "best.json",
@@ -336,6 +336,7 @@ def write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        stop_if_interrupted()
         publish(tmp)
         os.replace(tmp, path)
     finally:
@@ -361,6 +362,7 @@ def atomic_dir(final: Path):
         tmp.mkdir(mode=0o700)
         with disk_full_named(final):
             yield tmp
+            stop_if_interrupted()
             publish(tmp)
             replace(tmp, final)
     finally:

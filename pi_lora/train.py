@@ -23,7 +23,7 @@ from . import __version__, distributed, kernels, loss, memory, model, pose, run
 from . import checkpoint as checkpoint_mod
 from . import plan as planner
 from .console import note, progress_bar
-from .errors import Interrupted, OutOfMemory, PiLoraError, interrupts
+from .errors import Interrupted, OutOfMemory, PiLoraError, interrupts, saving_after_interrupt, stop_if_interrupted
 from .preflight import Prepared
 from .recipe import Recipe, dump
 
@@ -383,6 +383,7 @@ def run_steps(p: Prepared, console: Console, trainee: Trainee, state: RunState, 
                     console.print(compare_memory(p, on, before_gib))
                 if save:
                     save_state(p, trainee, state, step)
+                stop_if_interrupted()
         except KeyboardInterrupt:
             save_interrupted(p, trainee, state)
             raise Interrupted(f"interrupted. {after_stop(p.folder)}") from None
@@ -457,7 +458,8 @@ def save_interrupted(p: Prepared, trainee: Trainee, state: RunState) -> None:
     an update, only the last checkpoint is consistent. Sharded, saving gathers across ranks, which the
     signal may have caught mid-collective: the last periodic checkpoint stays."""
     if not state.updating and state.done > state.saved and not p.recipe.model.shard:
-        save_state(p, trainee, state, state.done)
+        with saving_after_interrupt():
+            save_state(p, trainee, state, state.done)
 
 
 def finish(p: Prepared, net, console: Console) -> None:

@@ -793,3 +793,29 @@ def test_a_signal_a_library_turns_into_its_own_error_is_still_an_interruption(ca
     assert stopped.value.exit_code == 130 and "interrupted" in capsys.readouterr().err
     with pytest.raises(ValueError, match="a bug"):  # no signal: a crash stays a crash
         fails_by_itself()
+
+
+@pytest.mark.parametrize("make", ["atomic_dir", "write_text"])
+def test_a_signal_python_ignores_in_a_destructor_still_keeps_the_old_output(tmp_path, make):
+    """A SIGTERM raised inside a __del__ is printed as "Exception ignored" and the code goes on: the
+    output the user asked to keep must not be replaced on the way out."""
+    from pi_lora.errors import interrupts
+
+    final = tmp_path / "out"
+    run.write_text(final, "old") if make == "write_text" else final.mkdir()
+
+    class Collected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the handler runs here and its KeyboardInterrupt is ignored
+
+    with interrupts(), pytest.raises(KeyboardInterrupt):
+        if make == "write_text":
+            Collected()
+            run.write_text(final, "new")
+        else:
+            with run.atomic_dir(final) as tmp:
+                (tmp / "new").write_text("new")
+                Collected()
+    assert (final.read_text() == "old") if make == "write_text" else list(final.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
