@@ -77,33 +77,49 @@ def score_of(metrics: dict, length: int) -> tuple[str, float]:
 
 def task_part(subject, tasks: list[str], lengths: list[int], limit: int, progress=None) -> dict:
     """{task: {"metric", "samples", "score": {L: value}}}: each task at each length, `limit` samples."""
-    lm_eval, HFLM = harness()
+    lm_eval, _ = harness()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings are about this use (a model object, L-named metrics)
     out = {name: {"metric": None, "samples": {}, "score": {}} for name in tasks}
-    bar = progress.add_task("tasks", total=len(lengths), info="") if progress else None
     # RULER loads its sizing tokenizer by name; this one is the very tokenizer pi-lora loaded (a
     # revision, a .gguf base), saved where the harness can find it offline.
     with tempfile.TemporaryDirectory(prefix=".pi-lora-tokenizer-") as folder:
         subject.tokenizer.save_pretrained(folder)
         for length in lengths:
-            lm = HFLM(pretrained=subject.net, tokenizer=subject.tokenizer, batch_size=1,
-                      max_length=length + HEADROOM)
-            results = run_harness(lm_eval, lm, tasks, length, limit, folder)
+            lm = measured_lm(subject, length, progress)
+            results = run_harness(lm_eval, lm, tasks, length, limit, folder, progress)
             for name in tasks:
                 metric, value = score_of(results["results"][name], length)
                 out[name]["metric"] = "L" if metric == str(length) else metric  # RULER: named by the length
                 out[name]["score"][str(length)] = value
                 out[name]["samples"][str(length)] = int(results["results"][name].get("sample_len") or limit)
-            if progress:
-                progress.advance(bar)
     return out
 
 
-def run_harness(lm_eval, lm, tasks: list[str], length: int, limit: int, tokenizer: str) -> dict:
-    """One call of the harness at one length. Its own prints (RULER's haystack sizing) are dropped;
-    a task whose text cannot be fetched is named, in one line."""
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings are about this use (a model object, L-named metrics)
+def measured_lm(subject, length: int, progress=None):
+    """The harness's own HF model (HFLM) around the model pi-lora built, its generation requests counted
+    on pi-lora's progress display instead of the harness's tqdm bar (a subclass: the harness's
+    documented way to adapt its model; nothing of it is patched)."""
+    _, HFLM = harness()
+
+    class Counted(HFLM):
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            self.bar = progress.add_task(f"tasks at {length:,}", total=len(requests), info="") if progress else None
+            return super().generate_until(requests, disable_tqdm=progress is not None)
+
+        def _model_generate(self, context, *args, **kwargs):
+            made = super()._model_generate(context, *args, **kwargs)
+            if progress is not None and getattr(self, "bar", None) is not None:
+                progress.advance(self.bar, context.shape[0])
+            return made
+
+    return Counted(pretrained=subject.net, tokenizer=subject.tokenizer, batch_size=1, max_length=length + HEADROOM)
+
+
+def run_harness(lm_eval, lm, tasks: list[str], length: int, limit: int, tokenizer: str, progress=None) -> dict:
+    """One call of the harness at one length. What it prints (RULER's haystack sizing and sample bars,
+    nltk's failed download offline) is dropped; a task whose text cannot be fetched is named, in one line."""
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with harness_output_dropped(progress):
             return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, bootstrap_iters=0,
                                            metadata={"max_seq_lengths": [length], "tokenizer": tokenizer})
     except OSError as e:  # datasets' and requests' ConnectionError are OSErrors
@@ -115,6 +131,24 @@ def run_harness(lm_eval, lm, tasks: list[str], length: int, limit: int, tokenize
                           f"are {', '.join(OFFLINE)}.") from None
     except ValueError as e:  # the harness's word on its input: RULER's "no room at max_seq_length=..."
         raise PiLoraError(f"--tasks at {length:,} tokens: {first_line(e)}") from None
+
+
+@contextlib.contextmanager
+def harness_output_dropped(progress=None):
+    """sys.stdout and sys.stderr to nowhere while the harness runs, except for pi-lora's own progress
+    display: its console is held to the stream it drew on (rich resolves sys.stdout at each write
+    unless given a file) and let go after."""
+    console = progress.console if progress is not None else None
+    held = console._file if console is not None else None  # None: rich follows sys.stdout
+    drawn_on = console.file if console is not None else None
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        if console is not None:
+            console.file = drawn_on
+        try:
+            yield
+        finally:
+            if console is not None:
+                console.file = held
 
 
 def rows(results: dict):

@@ -64,6 +64,9 @@ def test_ruler_task_at_two_lengths_is_the_harness_score(tiny_base, tmp_path, ora
     (entry,) = [r["tasks"]["niah_single_1"] for r in saved["results"].values()]
     assert entry == {"metric": "L", "samples": {"512": 3, "1024": 3}, "score": {"512": 1.0, "1024": 0.0}}
     assert "niah_single_1" in result.output and "100%" in result.output
+    # progress on pi-lora's own display, one line per length; the harness's bars and prints dropped
+    assert "tasks at 512: 3/3 (100%)" in result.output and "tasks at 1,024: 3/3 (100%)" in result.output
+    assert "generate_until" not in result.output and "Generating synthetic samples" not in result.output
     assert (out / "plot.png").stat().st_size > 0
 
     # the harness on its own, one length per call (its limit counts samples per task, not per length)
