@@ -22,7 +22,6 @@ import json
 import math
 import random
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -122,7 +122,7 @@ def gguf_tensor(name: str, tensor, config: dict, outtype: str):
 
 
 def add_metadata(writer, config: dict, meta: dict, outtype: str) -> None:
-    from gguf import LlamaFileType, RopeScalingType
+    from gguf import LlamaFileType
 
     heads = config["num_attention_heads"]
     writer.add_name(f"{Path(meta['base']).name}-{meta['target_len']}")
@@ -230,7 +230,6 @@ def read_gguf(path: Path, pi=None):
     transformers' reader ignores LLaMA's rope.scaling keys, so they are read here and applied.
     """
     import torch
-    from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)

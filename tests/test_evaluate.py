@@ -246,6 +246,7 @@ def test_eval_of_run_in_nf4_is_the_4bit_base_plus_adapter(trained_run, corpus, t
         assert got["perplexity"][str(n)] == pytest.approx(want[n].perplexity, rel=1e-4)
     deployed = RUNNER.invoke(app, ["eval", str(trained_run), "--lengths", "64,256", "--stride", "64", "--windows", "2",
                                    "--no-passkey", "--data", str(corpus), "--output", str(tmp_path / "d")])
+    assert deployed.exit_code == 0, deployed.output
     full = json.loads((tmp_path / "d" / "results.json").read_text())["results"][str(trained_run)]
     assert full["perplexity"]["256"] != pytest.approx(got["perplexity"]["256"], rel=1e-4)  # NF4 is not the deployed model
 

@@ -9,7 +9,6 @@ import select
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -196,12 +195,9 @@ def test_held_out_tokens_are_never_trained_on(tiny_base, corpus, tmp_path):
     assert torch.equal(rows, torch.from_numpy(whole[: training.count * 64].astype("int64")))
 
 
-def test_streamed_held_out_documents_are_disjoint(tmp_path, tiny_base):
-    from transformers import AutoTokenizer
-
+def test_streamed_held_out_documents_are_disjoint(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"document number {i} " * 20}) + "\n" for i in range(20)))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     section = DataSection(source=str(path), streaming=True, shuffle=False, eval_fraction=0.25)
     trained = {row["text"] for row in data.every_nth(data.open_dataset(section, [path], True), 0.25, False)}
     held = {row["text"] for row in data.every_nth(data.open_dataset(section, [path], True), 0.25, True)}
