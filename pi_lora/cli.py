@@ -593,4 +593,8 @@ def main():
     # several-fold (5x per demo step on 2 cores at load 7; bench/demo_speed.py); waiting passively costs
     # little on idle cores. Set before torch loads its OpenMP runtime; the user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Libraries' tqdm bars (transformers' GGUF reader, the harness, llama.cpp's converter) would draw
+    # over pi-lora's own display, and not all of them can be turned off one by one; tqdm reads this
+    # when it is first imported, which is after this line.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     app()

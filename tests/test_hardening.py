@@ -819,3 +819,14 @@ def test_a_signal_python_ignores_in_a_destructor_still_keeps_the_old_output(tmp_
                 Collected()
     assert (final.read_text() == "old") if make == "write_text" else list(final.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_library_progress_bars_stay_off_the_commands_output(done, tmp_path):
+    """transformers' GGUF reader draws a tqdm bar no setting of its own turns off ("Converting and
+    de-quantizing GGUF tensors"): `export --format gguf` reads its file back through it to verify."""
+    out = tmp_path / "m.gguf"
+    proc = spawn(["export", str(done), "--format", "gguf", "--output", str(out)])
+    text = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, text
+    assert out.stat().st_size > 0 and "logits" in text  # the verification read it back
+    assert "de-quantizing" not in text and "it/s]" not in text
