@@ -112,7 +112,21 @@ def measured_lm(subject, length: int, progress=None):
                 progress.advance(self.bar, context.shape[0])
             return made
 
-    return Counted(pretrained=subject.net, tokenizer=subject.tokenizer, batch_size=1, max_length=length + HEADROOM)
+    with tied_as_loaded(subject.net):
+        return Counted(pretrained=subject.net, tokenizer=subject.tokenizer, batch_size=1, max_length=length + HEADROOM)
+
+
+@contextlib.contextmanager
+def tied_as_loaded(net):
+    """HFLM ties the model's weights again when it is made. The model pi-lora loaded is tied already,
+    and a run that trains a tied embedding (SmolLM2) holds the embedding and the head in peft wrappers
+    whose `weight` transformers' tie cannot set (KeyError "attribute 'weight' already exists"): that
+    one call is skipped on this model object, and only while HFLM is made."""
+    net.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del net.tie_weights
 
 
 def run_harness(lm_eval, lm, tasks: list[str], length: int, limit: int, tokenizer: str, progress=None) -> dict:

@@ -104,3 +104,25 @@ def test_tasks_without_the_harness_say_how_to_install_it(tmp_path, monkeypatch):
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
     assert line == f"error: --tasks runs lm-evaluation-harness, which is not installed: {tasks.EXTRA}"
+
+
+def test_a_run_that_trained_a_tied_embedding_runs_tasks(corpus, tmp_path, oracle_subjects, monkeypatch):
+    """SmolLM2 ties its head to its embedding; a run that trains the embedding wraps both in peft's
+    ModulesToSaveWrapper, which the harness's re-tie of the weights used to fail on."""
+    pytest.importorskip("lm_eval")
+    from pi_lora.demo import build_tiny_llama
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    base = build_tiny_llama(tmp_path / "tied", tie_word_embeddings=True, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64)
+    out = tmp_path / "run"
+    trained = RUNNER.invoke(app, ["train", "--base", str(base), "--target-len", "1024", "--data", str(corpus),
+                                  "--output", str(out), "--steps", "1", "--grad-accum", "1",
+                                  "--set", "rope.train_len=64", "--set", "lora.trainable=[embed, norm]"])
+    assert trained.exit_code == 0, trained.output
+    result = RUNNER.invoke(app, ["eval", str(out), "--no-baselines", "--lengths", "512", "--tasks", "niah_single_1",
+                                 "--task-limit", "2", "--no-perplexity", "--no-passkey", "-o", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    (entry,) = [r["tasks"]["niah_single_1"] for r in json.loads((tmp_path / "e" / "results.json").read_text())["results"].values()]
+    assert entry["score"] == {"512": 1.0}  # the oracle's answer, scored by the harness
