@@ -49,13 +49,26 @@ def test_study_targets_compare_pi2_at_16k_with_the_base_at_8k_and_2k(tmp_path):
     results(tmp_path / "eval" / "pi2-austen", {"2048": 10.4, "8192": 9.5, "16384": 9.8})
     results(tmp_path / "eval" / "base-austen", {"2048": 10.0, "8192": 9.6, "16384": 700.0})
     results(tmp_path / "eval" / "pi2-passkey", k_max=4096)
-    lines = smollm2_study.targets(tmp_path)
+    lines = smollm2_study.targets(tmp_path, "pi2")
+    assert lines[0] == "Targets for PI x2, trained:"
     nt = next(x for x in lines if x.startswith("- New Testament"))
     austen = next(x for x in lines if x.startswith("- Austen"))
     assert "9.40 against the base's 9.60 with 8k: **met**" in nt and "+6.0%; within 5%: **missed**" in nt
     assert "9.80 against the base's 9.60 with 8k: **missed**" in austen and "+4.0%; within 5%: **met**" in austen
     assert "4,096 (at least 8,192: **missed**)" in lines[-1]
-    assert smollm2_study.targets(tmp_path / "none")[-1] == "- Passkey: not measured yet."
+    assert smollm2_study.targets(tmp_path / "none", "pi2")[-1] == "- Passkey: not measured yet."
+
+
+def test_study_a_model_unable_to_retrieve_at_all_has_k_max_0_with_a_note(tmp_path):
+    folder = tmp_path / "eval" / "yarn2-passkey"
+    folder.mkdir(parents=True)
+    unable = {"max_len": 16384, "passkey_unable": "0 of 2 keys retrieved right before the question"}
+    (folder / "results.json").write_text(json.dumps({"results": {"model": unable}}))
+    text = smollm2_study.write_table(tmp_path, docs=False)
+    row = next(x for x in text.splitlines() if x.startswith("| YaRN x2, trained"))
+    assert row.endswith("| 0* |")
+    assert "\\* YaRN x2, trained: no key found even right before the question" in text
+    assert "- Passkey k_max in 16k prompts: 0 (at least 8,192: **missed**)." in smollm2_study.targets(tmp_path, "yarn2")
 
 
 def test_demo_speed_adds_its_row_to_its_section_and_keeps_the_rest(tmp_path, monkeypatch):
