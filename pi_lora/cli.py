@@ -577,6 +577,7 @@ def quiet() -> None:
     import warnings
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels" package hint on every start
+    logging.getLogger("kernels").setLevel(logging.ERROR)  # offline, the same hint's "Skipping publisher trust check"
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     from transformers.utils import logging as hf_logging
 

@@ -101,15 +101,20 @@ def measured_lm(subject, length: int, progress=None):
     documented way to adapt its model; nothing of it is patched)."""
     _, HFLM = harness()
 
+    # shown from the start: the harness first builds its samples (RULER: 500 per task, whatever the
+    # limit), a minute or more at 8k, and only then asks for generations
+    bar = progress.add_task(f"tasks at {length:,} (building prompts)", total=None, info="") if progress else None
+
     class Counted(HFLM):
         def generate_until(self, requests, disable_tqdm: bool = False):
-            self.bar = progress.add_task(f"tasks at {length:,}", total=len(requests), info="") if progress else None
+            if progress is not None:
+                progress.update(bar, description=f"tasks at {length:,}", total=len(requests), completed=0)
             return super().generate_until(requests, disable_tqdm=progress is not None)
 
         def _model_generate(self, context, *args, **kwargs):
             made = super()._model_generate(context, *args, **kwargs)
-            if progress is not None and getattr(self, "bar", None) is not None:
-                progress.advance(self.bar, context.shape[0])
+            if progress is not None:
+                progress.advance(bar, context.shape[0])
             return made
 
     with tied_as_loaded(subject.net):
