@@ -108,13 +108,17 @@ def train(name: str, scaling: str, model: Path, corpus: Path, steps: int, lr: fl
         pi_lora(["train", "--resume", "--output", str(folder)], out / f"{name}.log")
         return folder
     target = TRAIN_LEN if scaling == "none" else TARGET  # the control: plain RoPE on the same windows
+    settings = TRAIN if scaling != "none" else without_setting(TRAIN, "rope.train_len")
     argv = ["train", "--base", str(model), "--target-len", str(target), "--data", str(corpus / "train.jsonl"),
-            "--output", str(folder), *TRAIN, *extra]
-    if scaling == "none":
-        argv = [a for a in argv if not a.startswith("rope.train_len")]
-        argv = [a for i, a in enumerate(argv) if not (a == "--set" and argv[i + 1].startswith("rope.train_len"))]
+            "--output", str(folder), *settings, *extra]
     pi_lora(argv, out / f"{name}.log")
     return folder
+
+
+def without_setting(argv: list[str], key: str) -> list[str]:
+    """argv less its `--set KEY=...` pair."""
+    drop = {i for i, a in enumerate(argv[:-1]) if a == "--set" and argv[i + 1].startswith(f"{key}=")}
+    return [a for i, a in enumerate(argv) if i not in drop and i - 1 not in drop]
 
 
 def evaluate(name: str, subject: list[str], text: str, data: Path, out: Path, passkey: bool) -> None:

@@ -82,3 +82,9 @@ def test_demo_speed_adds_its_row_to_its_section_and_keeps_the_rest(tmp_path, mon
     assert demo_speed.recorded_rows() == ["| 0 | a |", "| 2 | b |"]
     assert text.count(demo_speed.HEADING) == 1 and text.count("kept") == 2 and demo_speed.NOTES.strip() in text
     assert text.index("## Before") < text.index(demo_speed.HEADING) < text.index("## After")
+
+
+def test_study_control_drops_the_short_window_setting_and_nothing_else():
+    argv = smollm2_study.without_setting(smollm2_study.TRAIN, "rope.train_len")
+    assert "rope.train_len=2048" not in argv and argv.count("--set") == smollm2_study.TRAIN.count("--set") - 1
+    assert argv[argv.index("train.warmup_steps=5") - 1] == "--set"
