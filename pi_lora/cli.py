@@ -382,7 +382,7 @@ def eval_(
     perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help="Measure perplexity with L tokens of context."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Measure passkey retrieval."),
     passkey_lengths: Optional[str] = typer.Option(None, help="Comma-separated passkey prompt lengths \\[default: the longest length]."),
-    passkey_check: bool = typer.Option(True, "--passkey-check/--no-passkey-check", help="Passkey: first try the key right before the question within the length the base was trained at; a model that retrieves none there cannot do the task, and its distances are not measured (the table says so)."),
+    passkey_check: bool = typer.Option(True, "--passkey-check/--no-passkey-check", help="Passkey: first try the key right before the question, then half the prompt away, in a prompt of the length the base was trained at; a model that retrieves none at either cannot do the task, and its distances are not measured (the table says so)."),
     trials: Optional[int] = typer.Option(None, min=1, help="Passkey trials (random 5-digit keys) per distance \\[default: 10, quick 2]."),
     distances: Optional[int] = typer.Option(None, "--distances", "--depths", min=1, help="Passkey distances from the question, evenly spaced out to the prompt length \\[default: 32, quick 8]."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated lm-evaluation-harness tasks run at every length, e.g. RULER's niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe (offline); needs pip install \"pi-lora\\[ruler]\" \\[default: none]."),

@@ -416,7 +416,7 @@ class Settings:
     quant: str = "none"
     baselines: bool = True  # a run is shown beside its base with no scaling and with its own, untrained
     trust_remote_code: bool = False
-    passkey_check: bool = True  # first try the key right before the question (see able_to_retrieve)
+    passkey_check: bool = True  # first try the key right before the question and half the prompt away (able_to_retrieve)
     tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks at every length (tasks.py)
     task_limit: int = 5  # samples per task and length
     engine: str = "transformers"  # or llama.cpp: .gguf files run by llama.cpp, every model by its protocol (llamacpp.py)
@@ -472,17 +472,21 @@ def perplexity_part(subject: Subject, s: Settings, lengths: list[int], section, 
 
 
 def able_to_retrieve(subject: Subject, s: Settings, longest: int, progress=None) -> str | None:
-    """Why the model cannot do the task at all, or None. The key right before the question, in a prompt
-    within the length the base was trained at, is the easiest the task gets; a model that retrieves
-    none of `trials` keys there has k_max 0 at every length and distance (k_max grows outward from the
-    question), so measuring them all would only spend time (a tiny model: most of its evaluation).
-    A trained length too short for a prompt: the shortest prompt."""
+    """Why the model cannot do the task at all, or None. Tried in a prompt within the length the base
+    was trained at: the key right before the question, then half the prompt away. A model that
+    retrieves none of `trials` keys at either is taken to fail at every length and distance, so
+    measuring them all would only spend time (a tiny model: most of its evaluation). Not the key
+    right before the question alone: YaRN x2 on SmolLM2 misses it there, yet retrieves out to 12,288
+    in 16k prompts (docs/results.md §4a). A trained length too short for a prompt: the shortest prompt."""
     length = min(max(subject.trained_len or longest, shortest_prompt(subject.tokenizer)), longest)
-    (hits,) = passkey_accuracy(subject.net, subject.tokenizer, length, [1], s.trials, progress=progress).values()
-    if hits:
-        return None
-    return (f"0 of {s.trials} keys retrieved right before the question in {length:,}-token prompts (the "
-            f"easiest case): the model cannot do the task, so no distance was measured "
+    middle = max(1, length // 2)
+    for distance in (1, middle):
+        (hits,) = passkey_accuracy(subject.net, subject.tokenizer, length, [distance], s.trials,
+                                   progress=progress).values()
+        if hits:
+            return None
+    return (f"0 of {s.trials} keys retrieved right before the question in {length:,}-token prompts, nor "
+            f"{middle:,} tokens from it: the model cannot do the task, so no distance was measured "
             f"(--no-passkey-check measures them anyway)")
 
 

@@ -462,3 +462,23 @@ def test_default_stride_keeps_three_quarters_of_the_shortest_window_as_context()
     assert ev.stride_and_windows(ev.Settings(lengths=None), [256, 512, 1024]) == (64, 32)
     assert ev.stride_and_windows(ev.Settings(lengths=None, scored=512), [256, 1024]) == (64, 8)
     assert ev.stride_and_windows(ev.Settings(lengths=None, stride=100, windows=3), [256]) == (100, 3)
+
+
+def test_the_passkey_check_also_tries_a_key_half_the_prompt_away(tiny_base, monkeypatch):
+    """A model that misses the key right before the question but finds it farther (YaRN x2 on SmolLM2)
+    is measured; one that finds neither is not."""
+    from transformers import AutoTokenizer
+
+    subject = ev.Subject("m", None, AutoTokenizer.from_pretrained(tiny_base), 1024, {}, 512)
+    asked = []
+
+    def only_far(net, tokenizer, length, distances, trials, **kwargs):
+        asked.append((length, distances))
+        return {d: (0.0 if d == 1 else 1.0) for d in distances}
+
+    monkeypatch.setattr(ev, "passkey_accuracy", only_far)
+    assert ev.able_to_retrieve(subject, ev.Settings(lengths=None, trials=2), 1024) is None
+    assert asked == [(512, [1]), (512, [256])]
+    monkeypatch.setattr(ev, "passkey_accuracy", lambda net, tok, length, distances, trials, **k: {d: 0.0 for d in distances})
+    why = ev.able_to_retrieve(subject, ev.Settings(lengths=None, trials=2), 1024)
+    assert why.startswith("0 of 2 keys retrieved right before the question in 512-token prompts, nor 256 tokens from it")
