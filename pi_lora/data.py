@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from .console import note
-from .errors import PiLoraError, check_text, first_line, stop_if_interrupted
+from .errors import PiLoraError, check_text, first_line
 
 READERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -200,8 +199,7 @@ def cached_tokens(section, files: list[Path], tokenizer, cache_dir: Path, progre
             with open(tmp, "wb") as f:
                 np.save(f, stream)
             run.write_json(path.with_suffix(".json"), {"tokens": len(stream), "skipped": found["skipped"]})
-            stop_if_interrupted()
-            os.replace(tmp, path)
+            run.put_file(tmp, path)
         except OSError as e:
             raise PiLoraError(f"cannot write the token cache '{path}': {e.strerror}.") from None
         finally:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import model, rope, run, vocab
-from .errors import PiLoraError, first_line, stop_if_interrupted
+from .errors import PiLoraError, first_line
 from .merge import NOT_ASKED, TOO_LARGE, Verification, run_inputs
 
 FORMATS = ("peft", "gguf")
@@ -358,8 +358,7 @@ def _export_gguf(run_dir, output, scratch, meta, outtype, check, progress, token
             from . import llamacpp
 
             result.llamacpp = llamacpp.check_export(merged, tmp, meta, outtype, progress=progress)
-        stop_if_interrupted()
-        tmp.replace(output)
+        run.put_file(tmp, output)
         return result
     finally:
         tmp.unlink(missing_ok=True)

@@ -336,11 +336,17 @@ def write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        stop_if_interrupted()
         publish(tmp)
-        os.replace(tmp, path)
+        put_file(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def put_file(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary file onto `final`, unless Ctrl-C or SIGTERM came and something
+    swallowed its KeyboardInterrupt (a __del__): then nothing is replaced."""
+    stop_if_interrupted()
+    os.replace(tmp, final)
 
 
 def write_json(path: Path, data: dict) -> None:
