@@ -10,6 +10,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
+from .errors import stop_if_interrupted
+
 ERROR = "[bold red]error:[/]"  # how every command begins the one line that says why it stopped
 
 
@@ -54,6 +56,7 @@ class LoggedProgress(Progress):
         self._say(task_id)
 
     def advance(self, task_id, advance: float = 1) -> None:
+        stop_if_interrupted()  # a signal a __del__ swallowed stops the work now, not at its end
         super().advance(task_id, advance)
         self._say(task_id)
 

@@ -6,6 +6,7 @@ The CLI prints their message and exits with their code: 2 bad input, 3 out of me
 
 import contextlib
 import signal
+import sys
 import threading
 
 
@@ -20,13 +21,27 @@ def interrupts():
     if outermost:
         _signalled.clear()
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    hook = sys.unraisablehook
+    if outermost:
+        sys.unraisablehook = _quiet_about_the_signal(hook)
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if outermost:
+            sys.unraisablehook = hook
             _signalled.clear()
+
+
+def _quiet_about_the_signal(hook):
+    """Python prints a traceback ("Exception ignored in ...") for the KeyboardInterrupt a signal raised
+    inside a __del__. It is not lost (stop_if_interrupted raises it again), so the user is spared that
+    traceback; anything else still goes to the hook as before."""
+    def quiet(unraisable):
+        if not (unraisable.exc_type is KeyboardInterrupt and _signalled.is_set()):
+            hook(unraisable)
+    return quiet
 
 
 _signalled = threading.Event()

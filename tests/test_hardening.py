@@ -2,6 +2,8 @@
 run no code and fall back when damaged, corrupt files as one line, no silent data loss, no leftovers,
 limits, and trust_remote_code as part of the run. Real files truncated, real processes killed."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -15,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 from pi_lora import data, run
 from pi_lora.cli import app
+from pi_lora.console import progress_bar
 from pi_lora.errors import PiLoraError
 from test_train import args, invoke, losses, spawn, wait_for_step, wait_until
 
@@ -795,7 +799,7 @@ def test_a_signal_a_library_turns_into_its_own_error_is_still_an_interruption(ca
         fails_by_itself()
 
 
-@pytest.mark.parametrize("make", ["atomic_dir", "write_text"])
+@pytest.mark.parametrize("make", ["atomic_dir", "write_text", "progress"])
 def test_a_signal_python_ignores_in_a_destructor_still_keeps_the_old_output(tmp_path, make):
     """A SIGTERM raised inside a __del__ is printed as "Exception ignored" and the code goes on: the
     output the user asked to keep must not be replaced on the way out."""
@@ -809,16 +813,46 @@ def test_a_signal_python_ignores_in_a_destructor_still_keeps_the_old_output(tmp_
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.5)  # the handler runs here and its KeyboardInterrupt is ignored
 
-    with interrupts(), pytest.raises(KeyboardInterrupt):
+    printed = []  # what Python would print as "Exception ignored in ..." with its traceback
+    with _unraisable_to(printed), interrupts(), pytest.raises(KeyboardInterrupt):
         if make == "write_text":
             Collected()
             run.write_text(final, "new")
-        else:
+        elif make == "atomic_dir":
             with run.atomic_dir(final) as tmp:
                 (tmp / "new").write_text("new")
                 Collected()
+        else:  # a long loop stops at its next step, not when it is done
+            with progress_bar(Console(file=io.StringIO())) as bar:
+                task = bar.add_task("work", total=3)
+                Collected()
+                bar.advance(task)
+                final.rmdir()  # not reached
     assert (final.read_text() == "old") if make == "write_text" else list(final.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert printed == []
+
+
+@contextlib.contextmanager
+def _unraisable_to(found: list):
+    previous, sys.unraisablehook = sys.unraisablehook, found.append
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def test_an_ignored_error_in_a_destructor_is_still_printed_when_no_signal_came():
+    from pi_lora.errors import interrupts
+
+    class Broken:
+        def __del__(self):
+            raise KeyboardInterrupt  # not from a signal: Python's report is the user's only trace
+
+    printed = []
+    with _unraisable_to(printed), interrupts():
+        Broken()
+    assert [u.exc_type for u in printed] == [KeyboardInterrupt]
 
 
 def test_library_progress_bars_stay_off_the_commands_output(done, tmp_path):
