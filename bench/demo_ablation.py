@@ -31,8 +31,9 @@ from report import write_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 HEADING = "## 3. The demo: what closes the gap"
-# every row spells what it trains, whatever the demo recipe says: LoRA on q/k/v/o unless it says otherwise
-QKVO = ["--set", "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]"]
+# every row spells what it trains, whatever the demo recipe says: PI and LoRA on q/k/v/o unless it says otherwise
+PI = ["--set", "rope.scaling=linear"]
+QKVO = [*PI, "--set", "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]"]
 EMBED_NORM = [*QKVO, "--set", "lora.trainable=[embed, norm]"]
 QKVO_ONLY = [*QKVO, "--set", "lora.trainable=[]"]
 SHORT = [*EMBED_NORM, "--target-len", "256", "--set", "rope.scaling=none", "--batch-size", "4"]  # 4 x 256 tokens
@@ -52,10 +53,13 @@ ROWS = {
     "lr-1e-2": ("PI, LoRA + embeddings and norms, lr 1e-2", EMBED_NORM + ["--lr", "1e-2"], "none"),
     "embed-lr-2e-4": ("PI, LoRA + embeddings and norms, embeddings at lr 2e-4", EMBED_NORM
                       + ["--set", "lora.embed_lr=2e-4"], "none"),
-    "all-linear": ("PI, LoRA on every linear + embeddings and norms (the demo recipe at 90 steps)",
-                   ["--set", "lora.trainable=[embed, norm]", "--set", "lora.target_modules=all-linear"], "none"),
+    "all-linear": ("PI, LoRA on every linear + embeddings and norms",
+                   [*PI, "--set", "lora.trainable=[embed, norm]", "--set", "lora.target_modules=all-linear"], "none"),
     "pose": ("PI, LoRA + embeddings and norms, short windows of 256 spread over 1,024 (PoSE)", EMBED_NORM
              + ["--set", "rope.train_len=256", "--batch-size", "4"], "none"),
+    "yarn": ("YaRN, LoRA on every linear + embeddings and norms (the demo recipe at 90 steps)",
+             ["--set", "lora.trainable=[embed, norm]", "--set", "lora.target_modules=all-linear",
+              "--set", "rope.scaling=yarn"], "none"),
 }
 EXTRA: list[str] = []  # --set options for every trained row (--set on the command line)
 WINDOWS = 96  # strides of 64 scored: 6,144 tokens
@@ -98,7 +102,7 @@ def full_row(steps: int, out: Path) -> tuple[dict, dict]:
     from pi_lora import recipe as recipes
 
     began = time.perf_counter()
-    sets = [f"train.steps={steps}", "model.quant=none", "model.compute_dtype=fp32", *EXTRA[1::2]]
+    sets = [f"train.steps={steps}", "rope.scaling=linear", "model.quant=none", "model.compute_dtype=fp32", *EXTRA[1::2]]
     recipe, _ = recipes.resolve(recipes.read(recipes.find("demo")), sets, {})
     p = preflight.prepare(recipe)
     train.seed_everything(recipe.train.seed)
@@ -143,8 +147,9 @@ def measure(names: list[str], steps: int, out: Path) -> dict:
         else:
             run = name.removesuffix("-as-trained")
             cost = train_row(run, extra if extra is not None else ROWS[run][1], steps, out)
-            # the baselines once, beside the first row
-            results = evaluate(name, str(out / run), quant, out, [] if not rows else ["--no-baselines"])
+            # the baselines once, beside the first row, and beside the first row of another scaling
+            fresh = not rows or ("rope.scaling=yarn" in (extra or []) and not any("yarn" in r for r in rows))
+            results = evaluate(name, str(out / run), quant, out, [] if fresh else ["--no-baselines"])
         for label, r in results.items():
             # eval's "tokens" (the text it read) must not hide the row's tokens trained
             if "base" in label:  # the run's baselines: its base with no scaling, and with PI untrained

@@ -46,7 +46,7 @@ def one_step(folder: Path, length: int, devices: list[torch.device], split: list
     r = recipe.validate({"model": {"base": str(folder), "quant": "none", "compute_dtype": "fp32"},
                          "rope": {"target_len": length}, "lora": {"trainable": ["norm"]}})
     config = model.load_config(str(folder))
-    rope.apply(config, rope.interpolation(config, length))
+    rope.apply(config, rope.interpolation(config, length, "linear"))
     on = devices[0]
     original = model.placement
     if split:  # layer_map's GPU indices -> the devices given (the CPU may stand in for GPU 1)

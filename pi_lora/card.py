@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .recipe import Recipe, dump
+from .rope import METHODS
 
 
 def adapter_card(meta: dict, recipe: Recipe, metrics: list[dict]) -> str:
@@ -69,10 +70,10 @@ def _how(meta: dict) -> str:
     if meta["rope_type"] == "none":
         return (f"Trained by pi-lora {meta['pi_lora_version']} with plain RoPE (no position scaling, rope_theta "
                 f"{meta['rope_theta']:g}); the base was trained to {meta['original_len']:,} tokens.")
-    return (f"Trained by pi-lora {meta['pi_lora_version']} with Position Interpolation: the base was trained to "
-            f"{meta['original_len']:,} tokens; positions are scaled by 1/{meta['factor']:g} (rope_type "
-            f"`{meta['rope_type']}`, rope_theta {meta['rope_theta']:g}) so {meta['target_len']:,} tokens stay in "
-            "the trained range.")
+    return (f"Trained by pi-lora {meta['pi_lora_version']} with {METHODS[meta['rope_type']]}: the base was "
+            f"trained to {meta['original_len']:,} tokens; its rope (rope_type `{meta['rope_type']}`, factor "
+            f"{meta['factor']:g}, rope_theta {meta['rope_theta']:g}) is scaled so {meta['target_len']:,} tokens "
+            "stay in the trained range.")
 
 
 def _trained_len(recipe: Recipe) -> int:

@@ -76,7 +76,8 @@ NO_DEFAULT = {"model.base": "required, from this flag or the recipe",
               "rope.target_len": "required, from this flag or the recipe",
               "output": "the recipe's, else runs/<base name>-<target_len>",
               "train.gpu_mem": "the recipe's, else what the device has",
-              "rope.train_len": "the recipe's, else the target length"}
+              "rope.train_len": "the recipe's, else the target length",
+              "rope.scaling": "the recipe's, else yarn (a scaled base: its own kind)"}
 
 
 def recipe_flag(key: str, text: str) -> str:
@@ -257,7 +258,7 @@ def train(
         run.claim(Path(folder), resume, overwrite)
         tree, source = recipes_mod.read(Path(folder) / run.RECIPE), str(Path(folder) / run.RECIPE)
     resolved, overrides = recipes_mod.resolve(tree, set_, flags, source=source)
-    if resolved.rope.scaling not in rope.TRAINABLE:  # said before any weight loads, as it will be after
+    if resolved.rope.scaling not in (None, *rope.TRAINABLE):  # said before any weight loads, as it will be after
         raise PiLoraError(f"rope.scaling '{resolved.rope.scaling}' changes the frequencies with the sequence length, "
                           "so what is trained would not be what runs; use it in pi-lora eval, and train with "
                           f"{', '.join(rope.TRAINABLE)}.")

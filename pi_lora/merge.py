@@ -242,7 +242,7 @@ def model_card(meta: dict, recipe_text: str) -> str:
     return (
         f"# {Path(meta['base']).name} extended to {meta['target_len']} tokens\n\n"
         f"Merged by pi-lora {meta['pi_lora_version']}: base `{meta['base']}` "
-        f"(trained to {meta['original_len']} tokens) with Position Interpolation, rope_type "
+        f"(trained to {meta['original_len']} tokens) with {rope.METHODS.get(meta['rope_type'], 'plain RoPE')}, rope_type "
         f"`{meta['rope_type']}`, factor {meta['factor']:g}, rope_theta {meta['rope_theta']:g}, and a LoRA "
         f"adapter trained on a {meta['quant']} base.\n\n"
         "`config.json` carries the rope setting; load with plain `AutoModelForCausalLM.from_pretrained`.\n\n"

@@ -105,7 +105,7 @@ def describe(p: Prepared, console: Console) -> None:
     """What the run will do: the extension, the data, the budget, validation and memory."""
     t, pi = p.recipe.train, p.pi
     console.print(
-        f"[bold]PI[/]: {pi.base_len} -> {pi.target_len} tokens, rope '{pi.rope_type}' factor "
+        f"[bold]context[/]: {pi.base_len} -> {pi.target_len} tokens, rope '{pi.rope_type}' factor "
         f"{pi.factor:g}" + (f" over the original {pi.original_len}" if pi.base_len != pi.original_len else "")
         + (f", rope_theta {pi.rope_theta:g} -> {pi.ntk_theta():g}" if pi.rope_type == "ntk"
            else f", rope_theta {pi.rope_theta:g} (kept)")

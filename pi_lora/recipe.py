@@ -49,8 +49,9 @@ class ModelSection(_Section):
 class RopeSection(_Section):
     target_len: PosInt | None = None
     # linear: Position Interpolation; yarn; ntk (NTK-aware theta); none: plain RoPE (a no-PI control);
-    # dynamic (inference only, eval)
-    scaling: Literal["linear", "yarn", "ntk", "none", "dynamic"] = "linear"
+    # dynamic (inference only, eval). null: yarn for a plain-RoPE base (measured best, docs/results.md
+    # §3-4), a scaled base's own kind (linear, llama3, yarn) for one already extended
+    scaling: Literal["linear", "yarn", "ntk", "none", "dynamic"] | None = None
     original_len: PosInt | None = None  # the base's trained length, when its config claims more (Mistral-7B: 8192)
     beta_fast: PosFloat | None = None  # yarn only; None: transformers' defaults (32, 1, 0.1 ln s + 1)
     beta_slow: PosFloat | None = None

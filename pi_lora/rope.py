@@ -22,6 +22,9 @@ SCALINGS = ("linear", "yarn", "ntk", "dynamic")
 # what is trained must be what runs: dynamic changes the frequencies with the sequence length
 TRAINABLE = ("linear", "yarn", "ntk", "none")
 _PLAIN = {"default", None}
+# what each kind is called in a model card
+METHODS = {"linear": "Position Interpolation", "yarn": "YaRN", "ntk": "NTK-aware scaling",
+           "llama3": "llama3 scaling with a raised factor", "dynamic": "dynamic NTK scaling"}
 # the base's own keys that an extension keeps
 _KEPT = {"llama3": ("low_freq_factor", "high_freq_factor"),
          "yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")}
@@ -142,13 +145,14 @@ def original_len(config) -> int:
     return base_scaling(config).original_len
 
 
-def interpolation(config, target_len: int, scaling: str = "linear", original_len: int | None = None,
+def interpolation(config, target_len: int, scaling: str | None = None, original_len: int | None = None,
                   **yarn) -> Interpolation:
-    """The setting that takes this base to `target_len` tokens. `yarn`: beta_fast, beta_slow,
-    attention_factor (None: transformers' defaults)."""
+    """The setting that takes this base to `target_len` tokens. `scaling` None: the default (see
+    `default_scaling`). `yarn`: beta_fast, beta_slow, attention_factor (None: transformers' defaults)."""
+    base = base_scaling(config, original_len)
+    scaling = scaling or default_scaling(base)
     if scaling not in SCALINGS and scaling != "none":
         raise PiLoraError(f"rope scaling '{scaling}' is not supported; use one of {', '.join(SCALINGS)}.")
-    base = base_scaling(config, original_len)
     if scaling == "none":
         return unscaled(config, base, target_len, yarn)
     if target_len <= base.current_len:
@@ -160,7 +164,7 @@ def interpolation(config, target_len: int, scaling: str = "linear", original_len
     if base.rope_type == "llama3":
         if scaling != "linear":
             raise PiLoraError(f"a llama3-scaled base is extended by raising its own factor; rope.scaling "
-                              f"'{scaling}' does not combine with it (use linear, the default).")
+                              f"'{scaling}' does not combine with it (use linear, or leave rope.scaling unset).")
         kind = "llama3"
     elif base.rope_type == "yarn" and scaling not in ("linear", "yarn"):
         raise PiLoraError(f"a yarn-scaled base is extended by raising its yarn factor; rope.scaling "
@@ -179,6 +183,13 @@ def interpolation(config, target_len: int, scaling: str = "linear", original_len
     factor = base.factor * target_len / base.current_len if kind == "llama3" else target_len / base.original_len
     return Interpolation(base.original_len, target_len, factor, kind, theta, base.current_len,
                          rotary_dim(config), extra)
+
+
+def default_scaling(base: Base) -> str:
+    """YaRN for a plain-RoPE base: with the same training it beat PI on the demo and on SmolLM2 8k -> 16k
+    (docs/results.md §3-4). A base already extended keeps its own kind (a llama3 base raises its own
+    factor through linear), the one way it combines."""
+    return {"default": "yarn", "yarn": "yarn"}.get(base.rope_type, "linear")
 
 
 def unscaled(config, base: Base, target_len: int, yarn: dict) -> Interpolation:

@@ -446,14 +446,14 @@ def test_the_passkey_check_skips_a_model_that_cannot_retrieve(tiny_base, corpus,
 
 
 def test_scaling_on_a_run_keeps_the_baselines_and_says_what_the_adapter_was_trained_with(trained_run, corpus, tmp_path):
-    result = RUNNER.invoke(app, ["eval", str(trained_run), "--scaling", "yarn:4", "--lengths", "64,256", "--stride", "64",
+    result = RUNNER.invoke(app, ["eval", str(trained_run), "--scaling", "linear:4", "--lengths", "64,256", "--stride", "64",
                                  "--windows", "1", "--no-passkey", "--data", str(corpus), "--output", str(tmp_path / "s")],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     labels = list(json.loads((tmp_path / "s" / "results.json").read_text())["results"])
     name = trained_run.name
-    assert labels == [f"{name}: base, no scaling", f"{name}: base, linear:4 untrained",
-                      f"{trained_run}: adapter trained with linear:4, evaluated with yarn:4"]
+    assert labels == [f"{name}: base, no scaling", f"{name}: base, yarn:4 untrained",
+                      f"{trained_run}: adapter trained with yarn:4, evaluated with linear:4"]
 
 
 def test_default_stride_keeps_three_quarters_of_the_shortest_window_as_context():

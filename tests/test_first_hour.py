@@ -251,8 +251,8 @@ def test_adapter_card_says_what_the_adapter_is(validated_run):
     card = (validated_run / run.ADAPTER / "README.md").read_text()
     assert "More Information Needed" not in card
     last = run.read_metrics(validated_run)[-1]
-    for part in ("extended to 128 tokens", "trained to 64 tokens", "1/2", "r=4", "6 x 1 sequences",
-                 f"{last['loss']:.4f} at step 6", f"loss {last['val_loss']:.4f}", "'rope_type': 'linear'"):
+    for part in ("extended to 128 tokens", "trained to 64 tokens", "with YaRN", "factor 2", "r=4", "6 x 1 sequences",
+                 f"{last['loss']:.4f} at step 6", f"loss {last['val_loss']:.4f}", "'rope_type': 'yarn'"):
         assert part in card, part
 
 
@@ -289,7 +289,7 @@ def test_eval_of_a_run_shows_its_baselines_on_its_held_out_data(validated_run, t
     assert "held-out data" in " ".join(result.output.split())
     saved = json.loads((copy / run.EVAL / "results.json").read_text())
     labels = list(saved["results"])
-    assert labels == ["run: base, no scaling", "run: base, linear:2 untrained", str(copy)]
+    assert labels == ["run: base, no scaling", "run: base, yarn:2 untrained", str(copy)]
     assert {tuple(r["perplexity"]) for r in saved["results"].values()} == {("64", "128")}  # the same lengths
     assert saved["data"]["eval_fraction"] == 0.2
     again = RUNNER.invoke(app, ["eval", str(copy), "--quick", "--no-passkey"])

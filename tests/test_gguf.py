@@ -31,9 +31,9 @@ def fields(path: Path) -> dict:
     return {k: f.contents() for k, f in GGUFReader(path).fields.items()}
 
 
-def train(base: Path, corpus: Path, out: Path, target_len: int = 256, steps: int = 2) -> Path:
+def train(base: Path, corpus: Path, out: Path, target_len: int = 256, steps: int = 2, scaling: str = "linear") -> Path:
     argv = ["train", "--base", str(base), "--target-len", str(target_len), "--data", str(corpus), "--output",
-            str(out), "--steps", str(steps), "--lr", "1e-2", "--grad-accum", "1", "--rank", "4",
+            str(out), "--steps", str(steps), "--lr", "1e-2", "--grad-accum", "1", "--rank", "4", "--scaling", scaling,
             "--set", "lora.trainable=[embed, norm]", "--set", "train.warmup_steps=0"]
     result = RUNNER.invoke(app, argv, catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -75,8 +75,17 @@ def pi_run(tiny_base, corpus, tmp_path_factory):
     return train(tiny_base, corpus, tmp_path_factory.mktemp("pi") / "run", target_len=256)
 
 
+@pytest.fixture(scope="module")
+def yarn_run(tiny_base, corpus, tmp_path_factory):
+    return train(tiny_base, corpus, tmp_path_factory.mktemp("yarn") / "run", target_len=256, scaling="yarn")
+
+
 @pytest.mark.slow
-def test_gguf_perplexity_in_llamacpp_equals_transformers_past_the_base_length(tools, pi_run, corpus, tmp_path):
+@pytest.mark.parametrize("scaling", ["linear", "yarn"])  # PI, and the default
+def test_gguf_perplexity_in_llamacpp_equals_transformers_past_the_base_length(tools, request, scaling, corpus,
+                                                                             tmp_path):
+    pi_run = request.getfixturevalue("pi_run" if scaling == "linear" else "yarn_run")
+    assert json.loads((pi_run / "pi_lora.json").read_text())["rope_type"] == scaling
     gguf = tmp_path / "pi.gguf"
     export.export_gguf(pi_run, gguf, "fp32")
     merged = tmp_path / "merged"
@@ -89,7 +98,7 @@ def test_gguf_perplexity_in_llamacpp_equals_transformers_past_the_base_length(to
     saved = json.loads((out / "results.json").read_text())["results"]
     ours, theirs = saved[str(merged)], saved[f"{gguf} (llama.cpp)"]
     assert theirs["engine"] == "llama.cpp" and theirs["max_len"] == 256 and theirs["trained_len"] == 64
-    for length in ("64", "256"):  # 256: four times the base's length, under the run's linear x4
+    for length in ("64", "256"):  # 256: four times the base's length, under the run's x4
         assert theirs["perplexity"][length] == pytest.approx(ours["perplexity"][length], rel=TOLERANCE)
         assert theirs["scored_tokens"][length] == ours["scored_tokens"][length] >= 2048
     assert theirs["perplexity"]["256"] < 1e4  # a real figure, not a broken model's

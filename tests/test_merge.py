@@ -58,8 +58,10 @@ def test_merged_folder_reloads_with_rope_and_matches_beyond_original_length(trai
     out = tmp_path / "merged"
     merge_mod.merge(trained, out, check=False)
     config = json.loads((out / "config.json").read_text())
-    assert config["rope_parameters"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
-    assert config["rope_scaling"]["type"] == "linear" and config["rope_scaling"]["factor"] == 4.0
+    # the default scaling: YaRN, which needs its original length to load
+    assert config["rope_parameters"] == {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                         "original_max_position_embeddings": 64}
+    assert config["rope_scaling"]["type"] == "yarn" and config["rope_scaling"]["factor"] == 4.0
     assert config["max_position_embeddings"] == 256
     assert (out / "tokenizer.json").is_file() and "factor 4" in (out / "README.md").read_text()
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -220,7 +222,7 @@ def test_gguf_export_round_trips_through_transformers(trained, tmp_path, outtype
     fields = {k: f.contents() for k, f in GGUFReader(out).fields.items()}
     assert fields["general.architecture"] == "llama"
     assert fields["llama.context_length"] == 256
-    assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 4.0
+    assert fields["llama.rope.scaling.type"] == "yarn" and fields["llama.rope.scaling.factor"] == 4.0
     assert fields["llama.rope.scaling.original_context_length"] == 64
     assert fields["tokenizer.ggml.model"] == "gpt2" and len(fields["tokenizer.ggml.tokens"]) == 512
     reloaded = export.read_gguf(out)

@@ -82,10 +82,11 @@ def test_smollm2_nf4_trains_beyond_its_length(smollm2_folder, genesis, tmp_path)
         "train", "--base", str(smollm2_folder), "--target-len", "9216", "--data", str(genesis),
         "--output", str(out), "--steps", "3", "--lr", "1e-3", "--batch-size", "1", "--grad-accum", "1",
         "--set", "train.warmup_steps=0", "--set", "lora.trainable=[norm]", "--set", "train.save_every=3",
+        "--scaling", "linear",
     ]
     result = CliRunner().invoke(app, argv, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "PI: 8192 -> 9216 tokens, rope 'linear' factor 1.125, rope_theta 100000 (kept)" in result.output
+    assert "context: 8192 -> 9216 tokens, rope 'linear' factor 1.125, rope_theta 100000 (kept)" in result.output
     assert "data: 1 sequences of 9216 tokens" in result.output
     losses = [r["loss"] for r in run.read_metrics(out)]
     assert len(losses) == 3 and all(0 < x < 10 for x in losses), losses

@@ -16,7 +16,7 @@ def llama_config(**kw):
 
 
 def test_factor_is_exact_and_theta_kept():
-    pi = rope.interpolation(llama_config(), 100)
+    pi = rope.interpolation(llama_config(), 100, "linear")
     assert pi.original_len == 64 and pi.factor == 100 / 64
     assert pi.rope_parameters() == {"rope_type": "linear", "factor": 1.5625, "rope_theta": 1e5}
 
@@ -27,7 +27,7 @@ def test_pi_logits_equal_unscaled_model_at_divided_positions(factor):
     torch.manual_seed(0)
     plain = LlamaForCausalLM(llama_config()).eval()
     config = llama_config()
-    rope.apply(config, rope.interpolation(config, 64 * factor))
+    rope.apply(config, rope.interpolation(config, 64 * factor, "linear"))
     scaled = LlamaForCausalLM(config).eval()
     scaled.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 97, (1, 40))
@@ -42,7 +42,7 @@ def test_pi_logits_equal_unscaled_model_at_divided_positions(factor):
 
 def test_rotary_angles_are_interpolated_at_every_position():
     config = llama_config()
-    rope.apply(config, rope.interpolation(config, 256))
+    rope.apply(config, rope.interpolation(config, 256, "linear"))
     plain, scaled = LlamaForCausalLM(llama_config()).model.rotary_emb, LlamaForCausalLM(config).model.rotary_emb
     x = torch.zeros(1, 1, 16)
     p = torch.arange(256, dtype=torch.float32)[None]
@@ -54,7 +54,7 @@ def test_rotary_angles_are_interpolated_at_every_position():
 
 def test_apply_survives_save_and_reload(tmp_path):
     config = llama_config()
-    rope.apply(config, rope.interpolation(config, 256))
+    rope.apply(config, rope.interpolation(config, 256, "linear"))
     config.save_pretrained(tmp_path)
     again = AutoConfig.from_pretrained(tmp_path)
     assert again.rope_parameters["rope_theta"] == 1e5 and again.rope_parameters["factor"] == 4
@@ -64,8 +64,21 @@ def test_apply_survives_save_and_reload(tmp_path):
 
 def test_extending_an_extended_model_counts_from_the_original():
     config = llama_config()
-    rope.apply(config, rope.interpolation(config, 128))
-    assert rope.interpolation(config, 512).factor == 8
+    rope.apply(config, rope.interpolation(config, 128, "linear"))
+    again = rope.interpolation(config, 512)  # unset: a linear base stays linear
+    assert (again.rope_type, again.factor) == ("linear", 8)
+
+
+@pytest.mark.parametrize("params, kind", [
+    (None, "yarn"),  # plain RoPE: YaRN, the measured best
+    ({"rope_type": "linear", "rope_theta": 1e5, "factor": 2.0}, "linear"),
+    ({"rope_type": "yarn", "rope_theta": 1e5, "factor": 2.0, "original_max_position_embeddings": 64}, "yarn"),
+    ({"rope_type": "llama3", "rope_theta": 1e5, "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64}, "llama3"),
+])
+def test_unset_scaling_is_yarn_for_plain_rope_and_a_scaled_base_s_own_kind(params, kind):
+    config = llama_config(**({"rope_parameters": params, "max_position_embeddings": 128} if params else {}))
+    assert rope.interpolation(config, 1024).rope_type == kind
 
 
 def test_target_not_longer_is_refused():

@@ -48,7 +48,7 @@ def test_run_folder_contract(reference_run, tiny_base):
     out = reference_run
     meta = json.loads((out / run.META).read_text())
     assert meta["original_len"] == 64 and meta["target_len"] == 256 and meta["factor"] == 4.0
-    assert meta["rope_type"] == "linear" and meta["rope_theta"] == 10000.0
+    assert meta["rope_type"] == "yarn" and meta["rope_theta"] == 10000.0  # the default for plain RoPE
     assert meta["base"] == str(tiny_base)
     saved = yaml.safe_load((out / run.RECIPE).read_text())
     assert saved["rope"]["target_len"] == 256 and saved["lora"]["trainable"] == ["embed", "norm"]
