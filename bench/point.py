@@ -106,7 +106,7 @@ def pi_lora_model(point: dict, on):
 
     values = point.get("recipe", {})
     recipe = Recipe.model_validate({**values, "model": {**values.get("model", {}), "base": point["base"]},
-                                    "rope": {**values.get("rope", {}), "target_len": point["length"]},
+                                    "rope": {"scaling": "linear", **values.get("rope", {}), "target_len": point["length"]},
                                     "train": {"grad_accum": 1, **values.get("train", {})}})  # a step: one batch
     config, _ = preflight.config_for(recipe)
     dtype = model.compute_dtype(recipe.model.compute_dtype, on)
