@@ -165,7 +165,7 @@ def write_table(out: Path, docs: bool = True) -> str:
             r = result(out / "eval" / f"{name}-{text}" / "results.json")
             cells += [f"{r['perplexity'][n]:.2f}" if r else "-" for n in ("2048", "8192", "16384")]
         found = k_max(out, name)
-        shown = "-" if found is None else f"{found:,}" + ("*" if found == 0 else "")
+        shown = "-" if found is None else f"{found:,}" + ("*" if unable(out, name) else "")
         tokens = steps = hours = "0"
         if scaling is not None:
             metrics = out / name / "metrics.jsonl"
@@ -175,9 +175,9 @@ def write_table(out: Path, docs: bool = True) -> str:
             steps = str(rows[-1]["step"]) if rows else "-"
             hours = f"{sum(r['seconds'] for r in steps_run) / 3600:.1f}" if steps_run else "-"
         lines.append(f"| {label} | {tokens} | {steps} | {hours} | " + " | ".join(cells) + f" | {shown} |")
-    unable = [ROWS[n][0] for n in ROWS if k_max(out, n) == 0]
-    if unable:
-        lines += ["", f"\\* {', '.join(unable)}: no key found even right before the question in 8,192-token "
+    none_found = [ROWS[n][0] for n in ROWS if unable(out, n)]
+    if none_found:
+        lines += ["", f"\\* {', '.join(none_found)}: no key found even right before the question in 8,192-token "
                   "prompts (eval's check, inside the base's length), so no distance was measured."]
     text = "\n".join(lines + ["", *targets(out, "pi2"), "", *targets(out, "yarn2")]) + "\n"
     (out / "table.md").write_text(text)
@@ -192,6 +192,13 @@ def k_max(out: Path, name: str) -> int | None:
     if keys is None:
         return None
     return 0 if "passkey_unable" in keys else keys["passkey"][str(TARGET)]["k_max"]
+
+
+def unable(out: Path, name: str) -> bool:
+    """Whether eval's check found the row unable to retrieve at all (no distance measured), as opposed
+    to a k_max of 0 measured at every distance."""
+    keys = result(out / "eval" / f"{name}-passkey" / "results.json")
+    return keys is not None and "passkey_unable" in keys
 
 
 def targets(out: Path, name: str) -> list[str]:

@@ -69,6 +69,10 @@ def test_study_a_model_unable_to_retrieve_at_all_has_k_max_0_with_a_note(tmp_pat
     assert row.endswith("| 0* |")
     assert "\\* YaRN x2, trained: no key found even right before the question" in text
     assert "- Passkey k_max in 16k prompts: 0 (at least 8,192: **missed**)." in smollm2_study.targets(tmp_path, "yarn2")
+    results(tmp_path / "eval" / "control-passkey", k_max=0)  # measured at every distance, none found: no note
+    text = smollm2_study.write_table(tmp_path, docs=False)
+    row = next(x for x in text.splitlines() if x.startswith("| no PI, trained the same way"))
+    assert row.endswith("| 0 |") and "\\* YaRN x2, trained:" in text and "control):" not in text
 
 
 def test_demo_speed_adds_its_row_to_its_section_and_keeps_the_rest(tmp_path, monkeypatch):
