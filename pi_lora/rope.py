@@ -20,7 +20,7 @@ from .errors import PiLoraError
 
 SCALINGS = ("linear", "yarn", "ntk", "dynamic")
 # what is trained must be what runs: dynamic changes the frequencies with the sequence length
-TRAINABLE = ("linear", "yarn", "ntk", "none")
+TRAINABLE = ("yarn", "linear", "ntk", "none")
 _PLAIN = {"default", None}
 # what each kind is called in a model card
 METHODS = {"linear": "Position Interpolation", "yarn": "YaRN", "ntk": "NTK-aware scaling",

@@ -7,8 +7,11 @@ own settings (`WANDB_MODE=offline` is respected) and is used only when it is ins
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
+from . import run
 from .errors import PiLoraError
 
 TENSORBOARD = "tensorboard"  # the folder inside the run
@@ -18,7 +21,7 @@ class Tracker:
     """Send metric records to the trackers in `report_to`; a resumed run replaces the steps it redoes."""
 
     def __init__(self, folder: Path, report_to: list[str], start: int, config: dict):
-        self.writers = []
+        self.folder, self.writers = Path(folder), []
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -28,6 +31,8 @@ class Tracker:
             # purge_step drops events after the checkpoint, as metrics.jsonl drops those lines
             self.tensorboard = SummaryWriter(str(folder / TENSORBOARD), purge_step=start + 1 if start else None)
             self.writers.append(self._tensorboard)
+            self._hook = threading.excepthook
+            threading.excepthook = self._quiet_when_deleted
         if "wandb" in report_to:
             try:
                 import wandb
@@ -44,14 +49,41 @@ class Tracker:
         self.tensorboard.flush()
 
     def log(self, record: dict) -> None:
-        for write in self.writers:
-            write(record)
+        try:
+            for write in self.writers:
+                write(record)
+        except OSError as e:
+            if self._gone(e):  # the folder went between run.check_present and the write: say so
+                run.check_present(self.folder)
+                raise PiLoraError(f"the run folder '{self.folder}' was deleted or moved while training "
+                                  f"({TENSORBOARD}/ is gone); stopping without writing more.") from None
+            raise
 
     def close(self) -> None:
-        if hasattr(self, "tensorboard"):
-            self.tensorboard.close()
+        try:
+            if hasattr(self, "tensorboard"):
+                self.tensorboard.close()
+        except OSError as e:
+            if not self._gone(e):
+                raise
+        finally:
+            if hasattr(self, "_hook"):
+                threading.excepthook = self._hook
         if hasattr(self, "wandb"):
             self.wandb.finish()
+
+    def _gone(self, error: BaseException) -> bool:
+        """Whether `error` is a file of this run that is no longer there (the folder was deleted)."""
+        name = getattr(error, "filename", None)
+        return (isinstance(error, FileNotFoundError) and name is not None
+                and Path(os.fsdecode(name)).is_relative_to(self.folder))
+
+    def _quiet_when_deleted(self, args) -> None:
+        """TensorBoard writes from a thread of its own, which prints a traceback when the run folder
+        was deleted under it; the run then stops with one line (`log`), so that traceback is dropped.
+        Any other thread's error is printed as before."""
+        if not self._gone(args.exc_value):
+            self._hook(args)
 
 
 def _scalars(record: dict) -> dict[str, float]:

@@ -701,6 +701,23 @@ def test_a_run_folder_deleted_while_training_stops_the_run(tiny_base, corpus, tm
     assert not out.exists()
 
 
+def test_tensorboard_writing_into_a_deleted_run_folder_is_one_line(tmp_path, capfd):
+    """TensorBoard's writer thread fails on the deleted folder: the run's one line, no thread traceback."""
+    from pi_lora import tracking
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / run.META).write_text("{}")
+    tracker = tracking.Tracker(folder, ["tensorboard"], 0, {})
+    tracker.log({"step": 1, "loss": 1.0})
+    shutil.rmtree(folder / tracking.TENSORBOARD)  # the folder goes part by part: pi_lora.json is still there
+    with pytest.raises(PiLoraError, match="was deleted or moved while training"):
+        tracker.log({"step": 2, "loss": 1.0})
+    shutil.rmtree(folder)
+    tracker.close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("text, says", [
     (b"model:\n  base: demo\n  # caf\xe9\n", "is not UTF-8 text (byte 0xe9"),
     (b"train:\n  steps: 3\ntrain:\n  lr: 0.1\n", "key 'train' is given twice"),
