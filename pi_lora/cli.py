@@ -212,7 +212,7 @@ def print_recipe(resolved) -> None:
 def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe file or shipped recipe name (`pi-lora recipes`) \\[default: none: the flags and the built-in defaults]."),
     base: Optional[str] = typer.Option(None, help=recipe_flag("model.base", "Base model: alias (see `pi-lora models`), hub id or folder.")),
-    target_len: Optional[int] = typer.Option(None, help=recipe_flag("rope.target_len", "New context length L'; PI factor is L'/L.")),
+    target_len: Optional[int] = typer.Option(None, help=recipe_flag("rope.target_len", "New context length L'; the rope factor is L'/L.")),
     scaling: Optional[Literal["yarn", "linear", "ntk", "none"]] = typer.Option(None, help=recipe_flag("rope.scaling", "How positions are extended: yarn (YaRN), linear (Position Interpolation), ntk (NTK-aware theta), or none (plain RoPE: a no-PI control).")),
     train_len: Optional[int] = typer.Option(None, help=recipe_flag("rope.train_len", "Short windows (PoSE): tokens per trained sequence, with position ids spread over the target length.")),
     source: Optional[str] = typer.Option(None, "--source", "--data", help=recipe_flag("data.source", "Training data: a hub dataset id, or a local .txt/.jsonl/.json/.parquet file or folder.")),
