@@ -711,8 +711,13 @@ def check_present(folder: Path) -> None:
     """Stop a run whose folder was deleted or moved away while it trained, rather than recreate
     orphaned files in its place."""
     if not (Path(folder) / META).is_file():
-        raise PiLoraError(f"the run folder '{folder}' was deleted or moved while training ({META} is gone); "
-                          "stopping without writing more.")
+        raise deleted(folder, META)
+
+
+def deleted(folder: Path, gone) -> PiLoraError:
+    """The one line of a run whose folder went while it trained; `gone`: what was found missing."""
+    return PiLoraError(f"the run folder '{folder}' was deleted or moved while training ({gone} is gone); "
+                       "stopping without writing more.")
 
 
 def append_metrics(folder: Path, record: dict) -> None:

@@ -54,9 +54,7 @@ class Tracker:
                 write(record)
         except OSError as e:
             if self._gone(e):  # the folder went between run.check_present and the write: say so
-                run.check_present(self.folder)
-                raise PiLoraError(f"the run folder '{self.folder}' was deleted or moved while training "
-                                  f"({TENSORBOARD}/ is gone); stopping without writing more.") from None
+                raise run.deleted(self.folder, Path(os.fsdecode(e.filename)).relative_to(self.folder)) from None
             raise
 
     def close(self) -> None:
