@@ -85,6 +85,15 @@ print("cuda:", torch.cuda.is_available(), torch.version.cuda,
 PY
 }
 
+gguf_parts() {  # the SmolLM2 GGUF's files in the bundle: the whole file, or its parts when SHA256SUMS has them all
+  if [ -f "$BUNDLE"/smollm2.gguf ]; then echo "$BUNDLE"/smollm2.gguf; return 0; fi
+  local named name missing=()
+  named=$(grep -o 'smollm2\.gguf\.a[a-z]$' "$BUNDLE"/SHA256SUMS 2>/dev/null | sort) || return 1
+  for name in $named; do [ -f "$BUNDLE/$name" ] || missing+=("$name"); done
+  if [ ${#missing[@]} -gt 0 ]; then say "the GGUF's parts ${missing[*]} are not in $BUNDLE yet" >&2; return 1; fi
+  for name in $named; do echo "$BUNDLE/$name"; done
+}
+
 has_cuda() { "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 
 import_check() {
@@ -137,12 +146,19 @@ smoke() {
   import_check || { echo "SMOKE FAILED: imports (see above); nothing else can run"; return 1; }
   say "pi-lora train + eval on a tiny model"
   cli_check || failed+=("pi-lora train/eval")
-  if ls "$BUNDLE"/smollm2.gguf* >/dev/null 2>&1; then  # what the study starts with, on this transformers
-    say "the SmolLM2 GGUF (whole or in parts) joined and converted by pi-lora"
-    "$PYTHON" -c "import pathlib, sys; sys.path.insert(0, 'bench'); from timebox import joined
+  local parts
+  if parts=$(gguf_parts); then  # what the study starts with, on this transformers
+    say "the SmolLM2 GGUF ($(echo $parts | wc -w) file(s)) joined and converted by pi-lora"
+    TQDM_DISABLE=1 "$PYTHON" - "$WORK" $parts <<'PY' || failed+=("SmolLM2 GGUF conversion")
+import pathlib, sys
+sys.path.insert(0, "bench")
+from bundle import joined
 from pi_lora.model import gguf_folder
-parts, work = sorted(pathlib.Path('$BUNDLE').glob('smollm2.gguf*')), pathlib.Path('$WORK')
-print(gguf_folder(joined(parts, work / 'smollm2.gguf'), cache=work / 'folders'))" || failed+=("SmolLM2 GGUF conversion")
+work, parts = pathlib.Path(sys.argv[1]), [pathlib.Path(p) for p in sys.argv[2:]]
+print(gguf_folder(joined(parts, work / "smollm2.gguf"), cache=work / "folders"))
+PY
+  elif ls "$BUNDLE"/smollm2.gguf* >/dev/null 2>&1; then
+    say "the GGUF's conversion is left to the study, which has all its parts"
   fi
   if has_cuda; then
     say "bench/compare.py on a tiny model, on CUDA"
@@ -169,9 +185,8 @@ print(gguf_folder(joined(parts, work / 'smollm2.gguf'), cache=work / 'folders'))
 part_study() {
   local corpus=${CORPUS:-$BUNDLE/corpus} kjv=${KJV:-$BUNDLE/kjv-books.jsonl.gz} gguf=() args=()
   if has_cuda; then
-    gguf=("$BUNDLE"/smollm2.gguf)
-    [ -f "$BUNDLE"/smollm2.gguf ] || gguf=("$BUNDLE"/smollm2.gguf.a?)  # carried in parts: study.py joins them
-    args=(--gguf "${gguf[@]}")
+    mapfile -t gguf < <(gguf_parts) && [ ${#gguf[@]} -gt 0 ] || { say "no whole SmolLM2 GGUF in $BUNDLE"; return 1; }
+    args=(--gguf "${gguf[@]}")  # carried in parts: study.py joins them
   else
     args=(--dry-run --steps 2)
   fi

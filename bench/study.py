@@ -70,18 +70,17 @@ class Study:
             code = "import sys, pathlib; from pi_lora.demo import build_tiny_llama; build_tiny_llama(pathlib.Path(sys.argv[1]))"
             self.step("prepare", "prepare", [PY, "-c", code, self.base])
         else:
-            from timebox import joined
+            from bundle import joined
 
-            gguf = joined(self.args.gguf, self.work / self.args.gguf[0].name.split(".gguf")[0] + ".gguf") \
-                if len(self.args.gguf) > 1 else self.args.gguf[0]
+            gguf = joined(self.args.gguf, self.work / (self.args.gguf[0].name.split(".gguf")[0] + ".gguf"))
             code = ("import sys, pathlib; from gguf import GGUFReader, LlamaFileType; from pi_lora.model import "
-                    "gguf_folder; f = GGUFReader(sys.argv[1]).fields; print(f['general.name'].contents(), '(GGUF', "
-                    "LlamaFileType(f['general.file_type'].contents()).name.removeprefix('MOSTLY_') + ')'); "
+                    "gguf_folder; f = GGUFReader(sys.argv[1]).fields; print('model:', f['general.name'].contents(), "
+                    "'(GGUF', LlamaFileType(f['general.file_type'].contents()).name.removeprefix('MOSTLY_') + ')'); "
                     "print(gguf_folder(pathlib.Path(sys.argv[1]), cache=pathlib.Path(sys.argv[2])))")
             self.step("prepare", "prepare", [PY, "-c", code, gguf, self.work / "folders"])
             log = (self.work / "logs" / "prepare.log").read_text().strip().splitlines()
             self.base = Path(log[-1]) if log and Path(log[-1]).is_dir() else None
-            self.name = next((x for x in log if "(GGUF" in x), "the GGUF")
+            self.name = model_name(log)
         if self.base is None or not (self.base / "config.json").is_file():
             raise SystemExit(f"study: no base model (see {self.work / 'logs' / 'prepare.log'})")
         self.base_len = json.loads((self.base / "config.json").read_text())["max_position_embeddings"]
@@ -191,6 +190,12 @@ def new_testament(kjv: Path, dest: Path) -> Path:
         raise SystemExit(f"study: {kjv} has {len(lines)} lines, not the 66 books")
     dest.write_text("\n".join(lines[39:]) + "\n")
     return dest
+
+
+def model_name(log: list[str]) -> str:
+    """The name the prepare step printed (`model: NAME (GGUF TYPE)`); its log opens with the command,
+    which holds the same words in quotes."""
+    return next((x.removeprefix("model: ") for x in log if x.startswith("model: ")), "the GGUF")
 
 
 def adapter_ready(folder: Path) -> bool:

@@ -169,17 +169,3 @@ def unpacked(folder: Path, name: str, work: Path) -> Path | None:
         return None
     (work / name).write_bytes(gzip.decompress(packed.read_bytes()))
     return work / name
-
-
-def joined(parts: list[Path], dest: Path) -> Path:
-    """One file from the parts `split` made of it (PART.aa PART.ab ...), joined once; a single file as is."""
-    if len(parts) == 1:
-        return parts[0]
-    size = sum(p.stat().st_size for p in parts)
-    if not (dest.is_file() and dest.stat().st_size == size):
-        tmp = dest.with_name(dest.name + ".tmp")
-        with open(tmp, "wb") as out:
-            for part in sorted(parts):
-                out.write(part.read_bytes())
-        tmp.replace(dest)
-    return dest

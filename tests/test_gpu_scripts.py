@@ -1,5 +1,6 @@
 """The GPU scripts' plumbing on the CPU: steps end by their caps, outputs fit what travels back
-(at most 8 files, 2 folders deep), split files join, and each script's dry run on a tiny model."""
+(at most 8 files, 2 folders deep), a bundle splits into copies and joins back, and each script's
+dry run on a tiny model."""
 
 import json
 import os
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path[:0] = [str(BENCH)]
 
+import bundle  # noqa: E402
 import timebox  # noqa: E402
 
 
@@ -74,10 +76,44 @@ def test_outputs_that_would_not_travel(tmp_path):
 def test_a_split_file_is_joined_back(tmp_path):
     data = os.urandom(300_000)
     (tmp_path / "model.gguf").write_bytes(data)
-    subprocess.run(["split", "-b", "100000", "model.gguf", "part.gguf."], cwd=tmp_path, check=True)
-    parts = sorted(tmp_path.glob("part.gguf.a?"))
-    assert len(parts) == 3
-    assert timebox.joined(list(reversed(parts)), tmp_path / "joined.gguf").read_bytes() == data
+    parts = bundle.split(tmp_path / "model.gguf", 50_000, 100_000)
+    assert [p.name for p in parts] == ["model.gguf.aa", "model.gguf.ab", "model.gguf.ac", "model.gguf.ad"]
+    assert [p.stat().st_size for p in parts] == [50_000, 100_000, 100_000, 50_000]
+    assert bundle.joined(list(reversed(parts)), tmp_path / "joined.gguf").read_bytes() == data
+    with pytest.raises(ValueError, match="more than 26 parts"):
+        bundle.split(tmp_path / "model.gguf", 10_000, 10_000)
+
+
+def test_the_first_copy_holds_all_the_smoke_reads():
+    """The smoke call gets the first copy, so the wheels travel beside the GGUF's first part even when
+    a larger item (the GGUF's rest) would go first; the rest fills copies by size."""
+    mib = 2**20
+    sizes = {"wheels": 12 * mib, "SHA256SUMS": 2000, "gguf.aa": 50 * mib, "gguf.ab": 44 * mib,
+             "corpus": 14 * mib, "kjv": mib}
+    copies = bundle.plan(sizes, 63 * mib, {"wheels", "SHA256SUMS", "gguf.aa"})
+    assert copies == [["gguf.aa", "wheels", "SHA256SUMS"], ["gguf.ab", "corpus", "kjv"]]
+    # a long-suite bundle: all in one copy, the smoke's wheels among it
+    assert bundle.plan({"wheels": 12 * mib, "unsloth-wheels": 29 * mib, "SHA256SUMS": 2000}, 63 * mib,
+                       {"wheels", "SHA256SUMS"}) == [["wheels", "SHA256SUMS", "unsloth-wheels"]]
+    with pytest.raises(ValueError, match="what the smoke reads is 64.0 MiB"):
+        bundle.plan({"wheels": 14 * mib, "gguf.aa": 50 * mib}, 63 * mib, {"wheels", "gguf.aa"})
+    with pytest.raises(ValueError, match="corpus is 70.0 MiB, over one copy"):
+        bundle.plan({"corpus": 70 * mib}, 63 * mib, set())
+
+
+def test_the_smoke_converts_the_gguf_only_when_every_part_is_there(tmp_path):
+    """gpu.sh's gguf_parts: the whole file, or every part SHA256SUMS names; a missing part is said."""
+    (tmp_path / "smollm2.gguf.aa").write_bytes(b"a")
+    (tmp_path / "SHA256SUMS").write_text("x  smollm2.gguf.aa\ny  smollm2.gguf.ab\nz  wheels/w.whl\n")
+    functions = f"source <(sed -n '/^say()/,/^}}/p;/^gguf_parts()/,/^}}/p' {BENCH / 'gpu.sh'})"
+    script = f"{functions}; BUNDLE={tmp_path}; gguf_parts"
+    missing = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert "parts smollm2.gguf.ab are not in" in missing.stderr
+    (tmp_path / "smollm2.gguf.ab").write_bytes(b"b")
+    found = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert found.returncode == 0
+    assert found.stdout.split() == [str(tmp_path / "smollm2.gguf.aa"), str(tmp_path / "smollm2.gguf.ab")]
 
 
 def test_a_capped_point_is_a_record_not_a_hang():
@@ -94,6 +130,31 @@ def test_missing_study_data_is_an_error_before_anything_runs(tmp_path):
                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "no austen-heldout.jsonl" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_study_joins_a_gguf_carried_in_parts_before_converting_it(tmp_path):
+    """--gguf PART.aa PART.ab: joined in --work, then converted by the prepare step (here it is not a
+    GGUF, so the study stops with its one line naming the prepare log, not a traceback)."""
+    corpus, kjv = tiny_data(tmp_path)
+    (tmp_path / "model.gguf").write_bytes(b"not a gguf" * 1000)
+    parts = bundle.split(tmp_path / "model.gguf", 6000, 6000)
+    work = tmp_path / "work"
+    out = subprocess.run([sys.executable, str(BENCH / "study.py"), "--dry-run", "--corpus", str(corpus),
+                          "--kjv", str(kjv), "--gguf", *map(str, parts), "--out", str(tmp_path / "out"),
+                          "--work", str(work)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert f"study: no base model (see {work / 'logs' / 'prepare.log'})" in out.stderr
+    assert (work / "model.gguf").read_bytes() == b"not a gguf" * 1000
+    assert "GGUF" in (work / "logs" / "prepare.log").read_text()
+
+
+def test_the_study_names_the_model_the_prepare_step_printed_not_its_command():
+    from study import model_name
+
+    log = ["/usr/bin/python -c import sys; print('model:', f['general.name'].contents(), '(GGUF', x)", "",
+           "model: SmolLM2 135M Instruct (GGUF Q4_1)", "/tmp/work/folders/smollm2-1ab5"]
+    assert model_name(log) == "SmolLM2 135M Instruct (GGUF Q4_1)"
+    assert model_name(log[:2]) == "the GGUF"
 
 
 def tiny_data(folder: Path) -> tuple[Path, Path]:
