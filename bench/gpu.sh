@@ -142,7 +142,7 @@ part_long() {
 
 smoke() {
   local failed=()
-  setup
+  setup || { echo "SMOKE FAILED: setup (see above)"; return 1; }
   import_check || { echo "SMOKE FAILED: imports (see above); nothing else can run"; return 1; }
   say "pi-lora train + eval on a tiny model"
   cli_check || failed+=("pi-lora train/eval")

@@ -72,7 +72,9 @@ class Study:
         else:
             from bundle import joined
 
-            gguf = joined(self.args.gguf, self.work / (self.args.gguf[0].name.split(".gguf")[0] + ".gguf"))
+            folders = self.work / "folders"  # left out of study.tar.gz, with the converted model
+            folders.mkdir(exist_ok=True)
+            gguf = joined(self.args.gguf, folders / (self.args.gguf[0].name.split(".gguf")[0] + ".gguf"))
             code = ("import sys, pathlib; from gguf import GGUFReader, LlamaFileType; from pi_lora.model import "
                     "gguf_folder; f = GGUFReader(sys.argv[1]).fields; print('model:', f['general.name'].contents(), "
                     "'(GGUF', LlamaFileType(f['general.file_type'].contents()).name.removeprefix('MOSTLY_') + ')'); "

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-LIMITS = {"files": 8, "depth": 2}  # what one call may bring back
+LIMITS = {"files": 8, "depth": 2, "file_mib": 16, "total_mib": 64}  # what one call may bring back
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -141,13 +141,19 @@ def stop_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def outputs_problems(folder: Path, files: int = LIMITS["files"], depth: int = LIMITS["depth"]) -> list[str]:
-    """Why `folder` would not travel back whole: too many files, or files too deep (a file in
-    folder/a/b/ is two folders deep)."""
+def outputs_problems(folder: Path, files: int = LIMITS["files"], depth: int = LIMITS["depth"],
+                     file_mib: float = LIMITS["file_mib"], total_mib: float = LIMITS["total_mib"]) -> list[str]:
+    """Why `folder` would not travel back whole: too many files, files too deep (a file in
+    folder/a/b/ is two folders deep), a file too big, or too many bytes in all."""
     found = [p for p in folder.rglob("*") if p.is_file() or p.is_symlink()]
     problems = [f"{len(found)} files (at most {files})"] if len(found) > files else []
     deep = [str(p.relative_to(folder)) for p in found if len(p.relative_to(folder).parts) - 1 > depth]
-    return problems + ([f"too deep (at most {depth} folders): {', '.join(deep[:3])}"] if deep else [])
+    problems += [f"too deep (at most {depth} folders): {', '.join(deep[:3])}"] if deep else []
+    sizes = {str(p.relative_to(folder)): p.lstat().st_size / 2**20 for p in found}
+    big = [f"{name} ({mib:.1f} MiB)" for name, mib in sizes.items() if mib > file_mib]
+    problems += [f"over {file_mib:g} MiB: {', '.join(big[:3])}"] if big else []
+    total = sum(sizes.values())
+    return problems + ([f"{total:.1f} MiB in all (at most {total_mib:g})"] if total > total_mib else [])
 
 
 def pack(archive: Path, root: Path, skip: tuple[str, ...] = ()) -> Path:

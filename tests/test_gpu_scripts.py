@@ -71,6 +71,9 @@ def test_outputs_that_would_not_travel(tmp_path):
     (tmp_path / "a" / "b" / "c").mkdir()
     (tmp_path / "a" / "b" / "c" / "deep").write_text("x")
     assert timebox.outputs_problems(tmp_path, files=20) == ["too deep (at most 2 folders): a/b/c/deep"]
+    (tmp_path / "big.tar.gz").write_bytes(b"x" * (3 * 2**20))
+    assert timebox.outputs_problems(tmp_path, files=20, depth=5, file_mib=2, total_mib=2.5) == [
+        "over 2 MiB: big.tar.gz (3.0 MiB)", "3.0 MiB in all (at most 2.5)"]
 
 
 def test_a_split_file_is_joined_back(tmp_path):
@@ -144,7 +147,7 @@ def test_study_joins_a_gguf_carried_in_parts_before_converting_it(tmp_path):
                           "--work", str(work)], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
     assert f"study: no base model (see {work / 'logs' / 'prepare.log'})" in out.stderr
-    assert (work / "model.gguf").read_bytes() == b"not a gguf" * 1000
+    assert (work / "folders" / "model.gguf").read_bytes() == b"not a gguf" * 1000  # not packed for OUT
     assert "GGUF" in (work / "logs" / "prepare.log").read_text()
 
 
@@ -155,6 +158,20 @@ def test_the_study_names_the_model_the_prepare_step_printed_not_its_command():
            "model: SmolLM2 135M Instruct (GGUF Q4_1)", "/tmp/work/folders/smollm2-1ab5"]
     assert model_name(log) == "SmolLM2 135M Instruct (GGUF Q4_1)"
     assert model_name(log[:2]) == "the GGUF"
+
+
+@pytest.mark.parametrize("shape", ["LLAMA_7B", "LLAMA3_8B"])
+def test_the_liger_check_s_recipe_resolves_for_both_shapes_at_its_length(shape, tmp_path):
+    """kernels_check.py compares kernels at 4,096 tokens on the 7B (trained to 2k) and the 8B shape
+    (trained to 8k): plain RoPE, so the shorter length is no error (it runs only on CUDA)."""
+    import kernels_check
+    import llama
+    from pi_lora import preflight
+
+    (tmp_path / "config.json").write_text(json.dumps({**getattr(llama, shape), "model_type": "llama"}))
+    config, pi = preflight.config_for(kernels_check.recipe_for(tmp_path, 4096, "liger"))
+    assert pi.rope_type == "none" and pi.factor == 1.0
+    assert config.rope_parameters["rope_type"] == "default"
 
 
 def tiny_data(folder: Path) -> tuple[Path, Path]:
