@@ -6,8 +6,8 @@ Two levels, bf16 compute:
          apply_rotary_pos_emb: outputs, input gradients and the norm weight's gradient
   model  the model `pi-lora train` builds (model.build) with train.kernels none and liger, on
          the same random NF4 base (LLaMA-7B's and Llama-3-8B's layer shapes, 2 layers), LoRA r=8 on
-         q/k/v/o and trained norms (lora.trainable [norm]): the loss, the LoRA gradients and the
-         norm weights' gradients
+         q/k/v/o and trained norms (lora.trainable [norm]), plain RoPE at --length: the loss, the
+         LoRA gradients and the norm weights' gradients
 An error is the relative L2 distance ||a - b|| / ||b||; a check passes under TOLERANCE (bf16 has 8
 bits of mantissa: 2^-8 = 0.4% per rounding, and the fused kernels round at other places).
 
