@@ -201,7 +201,8 @@ def baselines(spec: str) -> list[tuple[Rope, str]]:
 def token_nll(net, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """NLL of ids[1:] given the prefix, one value per predicted token, with the head run in chunks."""
     decoder, head = parts(net)
-    hidden = decoder(input_ids=ids[None]).last_hidden_state[0]
+    # no KV cache: eval loads the model with one for generation, and a 32k window's is GiBs for nothing
+    hidden = decoder(input_ids=ids[None], use_cache=False).last_hidden_state[0]
     out = []
     for i in range(0, len(ids) - 1, chunk):
         logits = head(hidden[i : min(i + chunk, len(ids) - 1)]).float()

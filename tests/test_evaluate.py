@@ -41,6 +41,19 @@ def test_chunked_nll_equals_full_logits(tiny):
     torch.testing.assert_close(ev.token_nll(tiny, ids, chunk=7), want, rtol=1e-5, atol=1e-5)
 
 
+def test_perplexity_windows_build_no_kv_cache(tiny):
+    """eval loads its models with use_cache on, for the passkey's generation; a perplexity window's
+    forward must not build a cache (at 32k on a 7B model it is 16 GiB for nothing)."""
+    tiny.config.use_cache = True
+    caches = []
+    hook = tiny.model.register_forward_hook(lambda m, args, out: caches.append(out.past_key_values))
+    try:
+        ev.token_nll(tiny, torch.arange(1, 40))
+    finally:
+        hook.remove()
+    assert caches == [None]
+
+
 def context_stub(f, h):
     """nll(begin, end) of a stub model: a token's NLL is f(its context inside the window) + h(the token)."""
     calls = []
