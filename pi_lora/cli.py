@@ -110,9 +110,9 @@ def handled(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        quiet()  # here, not at start-up: --help must not import transformers
         try:
             with interrupts():
+                quiet()  # here, not at start-up: --help must not import transformers (a second or more)
                 try:
                     return command(*args, **kwargs)
                 except Exception as e:
@@ -142,7 +142,7 @@ def handled(command):
 
 def say(message: str) -> None:
     """An error line on stderr, from rank 0 only."""
-    from .distributed import current
+    from .world import current  # no torch: it may be the import a Ctrl-C stopped
 
     if current().main:
         console_mod.say(err_console, message)

@@ -10,30 +10,11 @@ Rank 0 alone logs, shows progress and writes the run folder.
 from __future__ import annotations
 
 import itertools
-import os
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def current() -> World:
-    """This process's place, from the environment torchrun and accelerate set."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World()
-    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+from .world import World, current  # noqa: F401  (distributed.current, as every caller says it)
 
 
 def start() -> World:
