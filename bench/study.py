@@ -79,7 +79,7 @@ class Study:
                     "gguf_folder; f = GGUFReader(sys.argv[1]).fields; print('model:', f['general.name'].contents(), "
                     "'(GGUF', LlamaFileType(f['general.file_type'].contents()).name.removeprefix('MOSTLY_') + ')'); "
                     "print(gguf_folder(pathlib.Path(sys.argv[1]), cache=pathlib.Path(sys.argv[2])))")
-            self.step("prepare", "prepare", [PY, "-c", code, gguf, self.work / "folders"])
+            self.step("prepare", "prepare", [PY, "-c", code, gguf, folders])
             log = (self.work / "logs" / "prepare.log").read_text().strip().splitlines()
             self.base = Path(log[-1]) if log and Path(log[-1]).is_dir() else None
             self.name = model_name(log)

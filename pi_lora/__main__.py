@@ -7,7 +7,9 @@ import os
 import signal
 import sys
 
-INTERRUPTED = 130
+from .errors import Interrupted  # light: no library behind it
+
+INTERRUPTED = Interrupted.exit_code
 
 
 def _interrupt(signum, frame):
